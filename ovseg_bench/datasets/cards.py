@@ -1,0 +1,106 @@
+"""Dataset cards: one YAML file per benchmark in the top-level ``datasets/`` folder.
+
+A card says where a split lives inside a data root (exactly the MMSegmentation layout,
+reference/protocol.md §1), how its files are named, its classes and its label conventions.
+Cards never contain data; the embedded ``demo`` card points at images shipped beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..resources import cards_dir
+from ..yamlconf import load_dataclass
+
+TRACKS = ("semantic", "referring", "label-conditioned")
+
+# `--dataset all`: the eight benchmarks in the order TCL evaluates and tables print them.
+ALL_BENCHMARKS = ("voc", "voc20", "context", "context59", "coco_stuff", "coco_object", "cityscapes", "ade20k")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetCard:
+    name: str
+    title: str
+    track: str
+    split: str
+    root: str                      # relative to the data root (or to the cards folder if embedded)
+    img_dir: str                   # relative to root
+    ann_dir: str                   # relative to root
+    img_suffix: str                # e.g. ".jpg", "_leftImg8bit.png"
+    gt_suffix: str                 # e.g. ".png", "_gtFine_labelTrainIds.png"
+    num_images: int                # expected size of the split
+    classnames: dict[str, str]     # naming scheme ("mmseg", "sclip") -> class-name file, relative to the cards folder
+    raw_label_max: int             # largest GT value on disk, before reduce_zero_label (§9.14)
+    split_file: str | None = None  # relative to root; None = recursive directory scan (§9.9)
+    reduce_zero_label: bool = False
+    ignore_index: int = 255
+    background_class: bool = False  # class 0 is "background" (VOC21, Context60, COCO-Object)
+    gt_has_ignore: bool = True      # whether 255 may occur in the GT on disk
+    embedded: bool = False          # root is relative to the cards folder (the shipped demo)
+    shares_images_with: str | None = None
+    notes: str = ""
+    card_version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.track not in TRACKS:
+            raise ConfigError(f"dataset card '{self.name}': track '{self.track}' is not one of {TRACKS}")
+
+    def root_in(self, data_root: Path) -> Path:
+        """The split's root folder for a given data root."""
+        return (cards_dir() if self.embedded else Path(data_root)) / self.root
+
+    def classnames_file(self, scheme: str) -> Path:
+        if scheme not in self.classnames:
+            raise ConfigError(
+                f"dataset '{self.name}' has no class-name list for naming scheme '{scheme}'; "
+                f"it has {sorted(self.classnames)}"
+            )
+        return cards_dir() / self.classnames[scheme]
+
+    def class_synonyms(self, scheme: str) -> list[list[str]]:
+        """Classes in label order, each a list of names (synonyms).
+
+        A line holds one class; synonyms are separated by ", " as in the SCLIP-family files
+        (reference/protocol.md §3.3). Names are kept verbatim (ADE's "bed " keeps its space:
+        CLIP's tokenizer strips it, reference/methods.md §2.7a).
+        """
+        path = self.classnames_file(scheme)
+        lines = _read_lines(path)
+        classes = [[line] if scheme == "mmseg" else line.split(", ") for line in lines]
+        if len(classes) != self.num_classes:
+            raise ConfigError(f"{path}: {len(classes)} classes, expected {self.num_classes} for '{self.name}'")
+        return classes
+
+    def class_names(self) -> tuple[str, ...]:
+        """Canonical class names (the mmseg list): the keys of per-class results."""
+        return tuple(_read_lines(self.classnames_file("mmseg")))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names())
+
+
+def _read_lines(path: Path) -> list[str]:
+    """Lines of a class-name file; a missing final newline is allowed (some SCLIP files lack it)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+@lru_cache(maxsize=None)
+def load_card(name: str) -> DatasetCard:
+    path = cards_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown dataset '{name}'; known: {', '.join(card_names())}")
+    card = load_dataclass(DatasetCard, path)
+    if card.name != name:
+        raise ConfigError(f"{path}: card name '{card.name}' differs from its file name '{name}'")
+    return card
+
+
+def card_names() -> list[str]:
+    """Every shipped card, the eight benchmarks first in their canonical order."""
+    found = sorted(p.stem for p in cards_dir().glob("*.yaml"))
+    return [n for n in ALL_BENCHMARKS if n in found] + [n for n in found if n not in ALL_BENCHMARKS]
