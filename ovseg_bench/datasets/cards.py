@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..registry import unknown_name_message
 from ..resources import cards_dir
 from ..yamlconf import load_dataclass
 
@@ -93,7 +94,7 @@ def _read_lines(path: Path) -> list[str]:
 def load_card(name: str) -> DatasetCard:
     path = cards_dir() / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown dataset '{name}'; known: {', '.join(card_names())}")
+        raise ConfigError(unknown_name_message("dataset", name, card_names()))
     card = load_dataclass(DatasetCard, path)
     if card.name != name:
         raise ConfigError(f"{path}: card name '{card.name}' differs from its file name '{name}'")

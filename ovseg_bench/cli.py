@@ -1,0 +1,147 @@
+"""``ovseg-bench``: parse, build a frozen request, call the library, print (house style rule 5).
+
+Every user-fixable problem is an :class:`OvsegError`: printed as one ``error:`` line, exit 2,
+no traceback and no result file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import OvsegError
+
+RUN_EXAMPLES = """examples:
+  ovseg-bench run --method maskclip --dataset demo
+  ovseg-bench run --method sclip --dataset all --protocol sclip --data-root ~/data
+  ovseg-bench run --method clip --dataset voc --model tests/assets/tiny_vit.json --pretrained none
+  ovseg-bench run --method predictions --predictions my_masks/ --dataset ade20k
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovseg-bench", description="Exact, reproducible zero-shot semantic segmentation benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    listing = sub.add_parser("list", help="list methods, datasets or protocols")
+    listing.add_argument("what", choices=("methods", "datasets", "protocols"))
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="report what is found and missing per dataset")
+    check.add_argument("names", nargs="*", help="dataset names (default: the eight benchmarks)")
+    check.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
+    return parser
+
+
+def _add_run(sub: Any) -> None:
+    run = sub.add_parser("run", help="evaluate a method on datasets", epilog=RUN_EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--method", required=True, help="a registered method (`ovseg-bench list methods`)")
+    run.add_argument("--dataset", action="append", required=True,
+                     help="dataset name(s), comma-separated or repeated; `all` = the eight benchmarks")
+    run.add_argument("--protocol", default="tcl", help="protocol preset (default: tcl)")
+    run.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
+    run.add_argument("--output", type=Path, default=Path("runs"), help="result folder (default: runs/)")
+    run.add_argument("--model", default=None, help="open_clip model name or model-config JSON path")
+    run.add_argument("--pretrained", default=None, help="open_clip tag, weights file, or `none` (random)")
+    run.add_argument("--checkpoint", type=Path, default=None, help="method checkpoint file")
+    run.add_argument("--config", type=Path, default=None, help="method config YAML (default: configs/methods/<method>.yaml)")
+    run.add_argument("--predictions", type=Path, default=None, help="label PNG folder for --method predictions")
+    run.add_argument("--batch-size", type=int, default=8, help="windows per forward pass, across images")
+    run.add_argument("--workers", type=int, default=2, help="DataLoader workers (decode and resize)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto picks CUDA when present)")
+    run.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (autocast; part of the fingerprint)")
+    run.add_argument("--limit", type=int, default=None, help="first N images only (quick checks; recorded)")
+    run.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="skip unreadable images")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "list":
+            return _list(args.what)
+        return _data_check(args)
+    except OvsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .engine.runner import EngineOptions
+    from .methods.base import WeightsOptions
+    from .plan import RunRequest, default_data_root, expand_datasets, run_plan
+
+    request = RunRequest(
+        method=args.method, datasets=expand_datasets(args.dataset), protocol=args.protocol,
+        data_root=args.data_root or default_data_root(), output=args.output,
+        weights=WeightsOptions(args.model, args.pretrained, args.checkpoint, args.predictions),
+        method_config=args.config, device=args.device, limit=args.limit,
+        engine=EngineOptions(args.batch_size, args.workers, args.precision, args.on_error, args.quiet))
+
+    def report(result: dict[str, Any], path: Path) -> None:
+        if not args.quiet:
+            print(f"{result['dataset']['name']}: mIoU {result['metrics']['mIoU']:.2f} -> {path}", file=sys.stderr)
+
+    results = run_plan(request, on_result=report)
+    print(summary_table(results))
+    return 0
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Datasets x (mIoU, aAcc, mAcc, images) plus the Avg row; random weights flagged."""
+    from tabulate import tabulate
+
+    rows = [[r["dataset"]["name"], r["metrics"]["mIoU"], r["metrics"]["aAcc"], r["metrics"]["mAcc"],
+             f"{r['images']['seen']}/{r['images']['expected']}"] for r in results]
+    if len(results) > 1:
+        rows.append(["Avg", round(sum(r["metrics"]["mIoU"] for r in results) / len(results), 2), "", "", ""])
+    first = results[0]
+    weights = first["method"]["weights"]
+    title = (f"{first['method']['name']} | protocol {first['protocol']['preset']} "
+             f"({first['protocol']['fingerprint'][:8]}) | {first['protocol']['precision']}")
+    if weights.get("random"):
+        title += "\nRANDOM WEIGHTS (--pretrained none): numbers test the pipeline only and mean nothing"
+    return title + "\n" + tabulate(rows, headers=["dataset", "mIoU", "aAcc", "mAcc", "images"], floatfmt=".2f")
+
+
+def _list(what: str) -> int:
+    from tabulate import tabulate
+
+    if what == "methods":
+        from .registry import get_method, method_names
+
+        rows = [[n, ", ".join(get_method(n).tracks)] for n in method_names()]
+        print(tabulate(rows, headers=["method", "tracks"]))
+    elif what == "datasets":
+        from .datasets.cards import card_names, load_card
+
+        rows = [[c.name, c.track, c.num_classes, c.num_images, c.title] for c in map(load_card, card_names())]
+        print(tabulate(rows, headers=["dataset", "track", "classes", "images", "title"]))
+    else:
+        from .engine.protocol import load_protocol, protocol_names
+
+        print(tabulate([[n, load_protocol(n).description] for n in protocol_names()], headers=["protocol", "description"],
+                       maxcolwidths=[None, 90]))
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from .datasets.cards import ALL_BENCHMARKS, load_card
+    from .datasets.check import check_dataset, format_checks
+    from .plan import default_data_root
+
+    root = args.data_root or default_data_root()
+    checks = [check_dataset(load_card(name), root) for name in (args.names or ALL_BENCHMARKS)]
+    print(format_checks(checks))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Which images a dataset card's split holds, in the order the references evaluate them.
+
+The order matters: float32 metric totals are summed image by image in this order
+(reference/protocol.md §9.16), so it must be exactly MMSegmentation's (§9.9):
+
+- with a split file, its lines in file order; image = ``img_dir/<line><img_suffix>`` and
+  GT = ``ann_dir/<line><gt_suffix>``;
+- without one, a recursive scan of ``img_dir`` for files whose name ends in ``img_suffix``
+  (case-sensitive), sorted by relative path; the GT has the same relative path with the image
+  suffix replaced by the GT suffix, under ``ann_dir``.
+
+Listing only touches directories; GT files are checked by :func:`missing_gt` or at read time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from ..resources import cards_dir
+from .cards import DatasetCard
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One image of a split and where its ground truth should be."""
+
+    image_id: str      # split-file entry, or the image's path relative to img_dir minus img_suffix
+    image_path: Path
+    gt_path: Path
+
+
+def list_samples(card: DatasetCard, data_root: Path) -> list[SampleRef]:
+    """Every image of ``card``'s split under ``data_root``, in reference order (§9.9).
+
+    Raises DataError naming the first missing piece (data root, dataset folder, image folder or
+    split file) and how the layout should look. GT files are not checked here.
+    """
+    root = require_layout(card, data_root)
+    img_dir, ann_dir = root / card.img_dir, root / card.ann_dir
+    if card.split_file is not None:
+        ids = read_split_file(root / card.split_file)
+    else:
+        ids = scan_image_ids(img_dir, card.img_suffix)
+    return [
+        SampleRef(i, img_dir / f"{i}{card.img_suffix}", ann_dir / f"{i}{card.gt_suffix}")
+        for i in ids
+    ]
+
+
+def missing_gt(samples: list[SampleRef]) -> list[SampleRef]:
+    """The samples whose GT file does not exist, in listing order."""
+    return [s for s in samples if not s.gt_path.is_file()]
+
+
+def layout_paths(card: DatasetCard, data_root: Path) -> list[tuple[str, Path]]:
+    """What listing needs, outermost first: (what, path) for the data root (unless the card is
+    embedded), the dataset folder, the image folder and the split file (if the card has one)."""
+    root = card.root_in(Path(data_root))
+    paths = [] if card.embedded else [("data root", Path(data_root))]
+    paths += [("dataset folder", root), ("image folder", root / card.img_dir)]
+    if card.split_file is not None:
+        paths.append(("split file", root / card.split_file))
+    return paths
+
+
+def path_exists(what: str, path: Path) -> bool:
+    """Whether a layout piece exists with the right kind (the split file is a file, the rest folders)."""
+    return path.is_file() if what == "split file" else path.is_dir()
+
+
+def require_layout(card: DatasetCard, data_root: Path) -> Path:
+    """The split's root folder, after checking that everything listing needs exists."""
+    for what, path in layout_paths(card, data_root):
+        if not path_exists(what, path):
+            raise DataError(f"{card.name}: {what} {path} not found; " + _how_to_fix(card))
+    return card.root_in(Path(data_root))
+
+
+def expected_layout(card: DatasetCard) -> str:
+    """A one-line description of where the card expects its files, relative to the data root."""
+    base = card.root if not card.embedded else f"<cards>/{card.root}"
+    parts = [
+        f"images {base}/{card.img_dir}/<id>{card.img_suffix}",
+        f"GT {base}/{card.ann_dir}/<id>{card.gt_suffix}",
+    ]
+    if card.split_file is not None:
+        parts.append(f"split list {base}/{card.split_file}")
+    else:
+        parts.append("no split list (the image folder is scanned recursively)")
+    return ", ".join(parts)
+
+
+def _how_to_fix(card: DatasetCard) -> str:
+    card_file = cards_dir() / f"{card.name}.yaml"
+    where = "beside its card" if card.embedded else "under the data root"
+    return (
+        "pass --data-root DIR or set $OVSEG_DATA to the folder that holds the datasets in the "
+        f"MMSegmentation layout. '{card.name}' expects, {where}: {expected_layout(card)} "
+        f"(see {card_file})."
+    )
+
+
+def read_split_file(path: Path) -> list[str]:
+    """Entries of a split file in file order.
+
+    Surrounding whitespace is stripped as mmseg does; blank lines (a trailing empty line) are
+    skipped rather than turned into an image named after the suffix alone.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"{path}: cannot read the split file ({exc}); it should be a UTF-8 text file with one "
+            "image id per line, readable by you"
+        ) from None
+    # read_text already turned \r\n and \r into \n (universal newlines), as file iteration does.
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def scan_image_ids(img_dir: Path, img_suffix: str) -> list[str]:
+    """Relative paths (POSIX, without ``img_suffix``) of images under ``img_dir``, sorted.
+
+    Mirrors mmengine's ``list_dir_or_file``: names starting with "." are skipped, every
+    folder is descended (symlinks followed), the suffix match is case-sensitive, and the sort is
+    on the relative path string (§9.9).
+    """
+    found: list[str] = []
+    stack = [img_dir]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and entry.is_file():
+                    rel = Path(entry.path).relative_to(img_dir).as_posix()
+                    if rel.endswith(img_suffix):
+                        found.append(rel)
+                elif entry.is_dir():
+                    stack.append(Path(entry.path))
+    found.sort()
+    return [rel[: len(rel) - len(img_suffix)] for rel in found]

@@ -1,0 +1,70 @@
+"""The torch Dataset the runner iterates: decode, check, resize, in DataLoader workers.
+
+Problems are returned as data (``Sample.error``) rather than raised inside a worker, so the
+runner reports them with the file's name and can honour ``--on-error skip`` for bad images.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..engine.protocol import DatasetSettings
+from ..engine.transforms import decode_image, decode_label, reduce_zero_label, resize_image
+from .cards import DatasetCard
+from .listing import SampleRef
+
+
+@dataclasses.dataclass
+class Sample:
+    index: int
+    image_id: str
+    image: torch.Tensor | None        # [3,h,w] uint8 RGB, resized by the protocol
+    gt: torch.Tensor | None           # [H,W] uint8, reduce_zero_label applied where the card says
+    error: str | None = None
+    skippable: bool = False           # an unreadable image: --on-error skip may drop it
+
+
+class SplitDataset(Dataset):
+    """One split of a dataset card, resized for one protocol's settings."""
+
+    def __init__(self, card: DatasetCard, samples: list[SampleRef], settings: DatasetSettings):
+        self.card, self.samples, self.settings = card, samples, settings
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        ref = self.samples[index]
+        bgr = decode_image(ref.image_path) if ref.image_path.is_file() else None
+        if bgr is None:
+            state = "is not a decodable image" if ref.image_path.is_file() else "is missing"
+            return Sample(index, ref.image_id, None, None, f"{ref.image_path}: image {state}", skippable=True)
+        gt, problem = self._read_gt(ref.gt_path, bgr.shape[:2])
+        if problem:
+            return Sample(index, ref.image_id, None, None, problem)
+        resized = resize_image(bgr, self.settings.short_side, self.settings.long_side)
+        rgb = torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1].transpose(2, 0, 1)))
+        return Sample(index, ref.image_id, rgb, torch.from_numpy(gt))
+
+    def _read_gt(self, path: Path, image_shape: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+        if not path.is_file():
+            return None, f"{path}: ground truth missing for image of the same name; check the data layout (see `ovseg-bench data check`)"
+        try:
+            raw = decode_label(path)
+        except OSError as exc:
+            return None, f"{path}: ground truth is not a readable PNG ({exc})"
+        if raw.ndim != 2:
+            return None, f"{path}: ground truth has shape {raw.shape}; expected a single-channel label map"
+        if raw.shape != tuple(image_shape):
+            return None, (f"{path}: ground truth is {raw.shape[1]}x{raw.shape[0]} but its image is "
+                          f"{image_shape[1]}x{image_shape[0]} (width x height, after EXIF orientation)")
+        bad = np.unique(raw[(raw > self.card.raw_label_max) & (raw != self.card.ignore_index)])
+        if bad.size:
+            return None, (f"{path}: label values {bad[:10].tolist()} are outside 0..{self.card.raw_label_max} "
+                          f"(and {self.card.ignore_index} = ignore) for dataset '{self.card.name}'; "
+                          "was the dataset converted (e.g. train ids for COCO-Stuff / Cityscapes)?")
+        return (reduce_zero_label(raw) if self.card.reduce_zero_label else raw), None

@@ -1,0 +1,92 @@
+"""Decoding, mmcv-compatible rescaling and per-method normalisation.
+
+Exactness rules (reference/protocol.md §9 items 1-5): images are decoded by cv2 (BGR uint8,
+EXIF orientation applied), label maps by Pillow without conversion (palette indices for VOC),
+and resized with mmcv's ``rescale_size`` rounding and cv2's uint8 bilinear, never antialiased.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+
+def decode_image(path: Path) -> np.ndarray | None:
+    """HxWx3 uint8 BGR exactly as ``cv2.imdecode(..., IMREAD_COLOR)``; None if undecodable.
+
+    IMREAD_COLOR applies the EXIF Orientation tag, as mmcv's loader does (§9.1).
+    """
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+def decode_label(path: Path) -> np.ndarray:
+    """HxW uint8 label map as ``np.array(PIL.Image.open(path))``: palette indices, no EXIF (§9.2)."""
+    with Image.open(path) as img:
+        label = np.array(img)
+    if label.ndim == 3 and label.shape[2] == 1:
+        label = label[..., 0]
+    return label
+
+
+def rescale_size(width: int, height: int, short_side: int, long_side: int) -> tuple[int, int]:
+    """mmcv ``rescale_size`` with keep_ratio: (new_w, new_h).
+
+    The factor is one float64 division per side taken first (§9.3); multiplying first or
+    rounding half-to-even gives different sizes for some images (645x480 at 336 -> 451, not 452).
+    """
+    max_long, max_short = max(long_side, short_side), min(long_side, short_side)
+    factor = min(max_long / max(height, width), max_short / min(height, width))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def resize_image(image: np.ndarray, short_side: int, long_side: int) -> np.ndarray:
+    """Keep-ratio resize of a uint8 HxWx3 image with cv2 bilinear (fixed-point, no antialiasing)."""
+    height, width = image.shape[:2]
+    new_w, new_h = rescale_size(width, height, short_side, long_side)
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """mmseg's reduce_zero_label: 0 -> 255 (ignored), every other value v -> v - 1."""
+    reduced = label.astype(np.int64) - 1
+    reduced[label == 0] = 255
+    reduced[label == 255] = 255
+    return reduced.astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalisation:
+    """Per-channel statistics on the 0-255 scale, RGB order.
+
+    ``reciprocal``: mmcv's ``imnormalize`` (the mmseg 0.x pipeline TCL and MaskCLIP ran)
+    multiplies by 1/std; mmseg 1.x's data preprocessor (the SCLIP family) divides by std.
+    The two differ in the last float32 bit.
+    """
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    reciprocal: bool
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] uint8 RGB -> float32 normalised, on the images' device."""
+        x = images.float()
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        x = x - mean
+        if self.reciprocal:
+            inv = torch.tensor([1.0 / s for s in self.std], dtype=torch.float64).float()
+            return x * inv.to(x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return x / std
+
+
+IMAGENET = Normalisation("imagenet", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), reciprocal=True)
+CLIP = Normalisation("clip", (122.771, 116.746, 104.094), (68.501, 66.632, 70.323), reciprocal=False)
+NORMALISATIONS = {n.name: n for n in (IMAGENET, CLIP)}

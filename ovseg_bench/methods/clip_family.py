@@ -1,0 +1,216 @@
+"""The CLIP baseline family: training-free dense CLIP with a modified last block.
+
+Papers and reference code (formulas in reference/methods.md §2):
+- ``clip``: vanilla last layer (SCLIP's CLIP row; wangf3014/SCLIP@b56bd30 with ``csa=False``).
+- ``maskclip``: original MaskCLIP, value path with residual and FFN kept (chongzhou96/MaskCLIP@245d31f).
+- ``sclip``: correlative self-attention, q-q plus k-k (wangf3014/SCLIP@b56bd30).
+- ``clearclip``: q-q attention, no residual, no FFN (mc-lan/ClearCLIP@ad68a40).
+- ``naclip``: k-k plus a Gaussian neighbourhood (sigma 5), no residual, no FFN, PAMR (sinahmr/NACLIP@0cac3a6).
+
+Per window: dense patch embeddings -> cosine with the text queries on the (h//16, w//16) grid ->
+bilinear to the window (align_corners=False). Postprocess on the full image: optional PAMR on the
+raw cosines, then the background rule (§2.7a order): ``threshold``: softmax(logit_scale * cos)
+over names, max over each class's synonyms, SCLIP's area_thd, argmax, prob_thd to label 0;
+``constant``: a constant plane as class 0 before softmax (TCL's rule); ``none``: argmax of the
+softmax over classes (mmseg 0.x).
+
+Quirks kept on purpose: ClearCLIP zero-pads windows whose sides are not multiples of the patch
+size (left = pad // 2); the others let the patch conv drop the remainder. Each method's
+per-dataset knobs (logit_scale, prob_thd, area_thd) come from its published configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.transforms import NORMALISATIONS
+from ..errors import ConfigError
+from ..registry import register_method
+from ..resources import configs_dir
+from ..yamlconf import load_dataclass
+from . import clip_dense
+from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod
+from .clip_model import load_clip
+from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
+from .prompts import TextCache, encode_names, load_templates
+
+BACKGROUND_RULES = ("threshold", "constant", "none")
+PAMR_SETTINGS = {"sclip": SCLIP_PAMR, "tcl": TCL_PAMR}
+PER_DATASET_KEYS = ("logit_scale", "prob_thd", "area_thd", "bg_value")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipFamilyConfig:
+    """One ``configs/methods/<name>.yaml``; defaults are the reference's own."""
+
+    name: str
+    attention: str
+    paper: str
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    normalisation: str = "clip"
+    templates: str = "imagenet80"
+    template_average: str = "normalised"
+    logit_scale: float = 40.0
+    background: str = "threshold"
+    prob_thd: float = 0.0
+    area_thd: float = 0.0
+    bg_value: float = 0.0
+    pamr: str | None = None
+    pad_windows: bool = False
+    naclip_sigma: float = 5.0
+    per_dataset: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [("attention", self.attention, clip_dense.ATTENTION_VARIANTS),
+                  ("background", self.background, BACKGROUND_RULES),
+                  ("normalisation", self.normalisation, tuple(NORMALISATIONS)),
+                  ("pamr", self.pamr, (None, *PAMR_SETTINGS))]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"method '{self.name}': {key} '{value}' is not one of {allowed}")
+        for dataset, overrides in self.per_dataset.items():
+            unknown = set(overrides) - set(PER_DATASET_KEYS)
+            if unknown:
+                raise ConfigError(f"method '{self.name}', per_dataset.{dataset}: unknown key(s) {sorted(unknown)}")
+
+    def knob(self, key: str, dataset: str) -> float:
+        return float(self.per_dataset.get(dataset, {}).get(key, getattr(self, key)))
+
+
+def load_method_config(name: str, path: Path | None = None) -> ClipFamilyConfig:
+    return load_dataclass(ClipFamilyConfig, path or configs_dir() / "methods" / f"{name}.yaml")
+
+
+class ClipFamily(WindowMethod):
+    """Shared adapter; the registered names below bind it to their config files."""
+
+    def __init__(self, config: ClipFamilyConfig, weights: WeightsOptions, device: torch.device):
+        self.config = config
+        self.device = device
+        self.normalisation = NORMALISATIONS[config.normalisation]
+        clip = load_clip(weights.model or config.model, weights.pretrained or config.pretrained, device)
+        self.model, self.tokenizer, self._weights = clip.model, clip.tokenizer, clip.record
+        self.patch = int(self.model.visual.conv1.kernel_size[0])
+        self.pamr = PAMR(**PAMR_SETTINGS[config.pamr]).to(device) if config.pamr else None
+        self.text_cache = TextCache()
+
+    def weights(self) -> dict[str, Any]:
+        return dict(self._weights)
+
+    def settings(self, dataset: str) -> dict[str, Any]:
+        cfg = dataclasses.asdict(self.config)
+        cfg.pop("per_dataset")
+        cfg.update({key: self.config.knob(key, dataset) for key in PER_DATASET_KEYS})
+        cfg["pamr_settings"] = PAMR_SETTINGS.get(self.config.pamr)
+        return cfg
+
+    def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> Vocabulary:
+        # TCL's constant-plane rule scores only the foreground classes; the plane is class 0.
+        first = 1 if self.config.background == "constant" and info.background_class else 0
+        names = [name for synonyms in classes[first:] for name in synonyms]
+        query_class = [c for c, synonyms in enumerate(classes) if c >= first for _ in synonyms]
+        templates = load_templates(self.config.templates)
+        embeddings = self.text_cache.get_or_compute(
+            self._cache_identity(), templates, self.config.template_average, names,
+            lambda: encode_names(self.model, self.tokenizer, names, templates,
+                                 self.config.template_average, self.device))
+        return Vocabulary(embeddings.to(self.device).float(),
+                          torch.tensor(query_class, dtype=torch.long, device=self.device), len(classes))
+
+    def _cache_identity(self) -> dict[str, Any]:
+        identity = dict(self._weights)
+        path = Path(str(identity.get("pretrained", "")))
+        if path.is_file():
+            stat = path.stat()
+            identity["file_stat"] = [stat.st_size, stat.st_mtime_ns]
+        return identity
+
+    def forward_windows(self, windows: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+        height, width = windows.shape[-2:]
+        padded, (top, left) = self._pad(windows)
+        feats = clip_dense.dense_features(self.model.visual, padded, self.config.attention,
+                                          naclip_sigma=self.config.naclip_sigma)
+        feats = F.normalize(feats.float(), dim=1)
+        cosine = torch.einsum("bchw,qc->bqhw", feats, vocab.embeddings)
+        cosine = F.interpolate(cosine, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        return cosine[:, :, top:top + height, left:left + width]
+
+    def _pad(self, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """ClearCLIP's zero padding to a multiple of the patch size (left/top = pad // 2)."""
+        if not self.config.pad_windows:
+            return windows, (0, 0)
+        height, width = windows.shape[-2:]
+        pad_h, pad_w = -height % self.patch, -width % self.patch
+        top, left = pad_h // 2, pad_w // 2
+        return F.pad(windows, (left, pad_w - left, top, pad_h - top)), (top, left)
+
+    def postprocess(self, scores: torch.Tensor, image: torch.Tensor, vocab: Vocabulary,
+                    info: DatasetInfo) -> torch.Tensor:
+        if self.pamr is not None:
+            guide = F.interpolate(image[None].float(), size=scores.shape[-2:], mode="bilinear", align_corners=False)
+            scores = self.pamr(guide, scores[None])[0]
+        rule = self.config.background
+        if rule == "constant" and info.background_class:
+            return constant_plane_labels(scores, vocab, self.config.knob("bg_value", info.name))
+        scale = self.config.knob("logit_scale", info.name) if rule == "threshold" else 1.0
+        probs = class_probabilities(scores, vocab, scale)
+        if rule != "threshold":
+            return probs.argmax(dim=0)
+        return threshold_labels(probs, area_thd=self.config.knob("area_thd", info.name),
+                                prob_thd=self.config.knob("prob_thd", info.name) if info.background_class else 0.0)
+
+
+def synonym_max(values: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+    """[Q,H,W] per-query values -> [C,H,W] max over each class's queries (-inf for a class without any)."""
+    out = values.new_full((vocab.num_classes, *values.shape[1:]), float("-inf"))
+    index = vocab.query_class.view(-1, 1, 1).expand_as(values)
+    return out.scatter_reduce(0, index, values, reduce="amax")
+
+
+def class_probabilities(scores: torch.Tensor, vocab: Vocabulary, logit_scale: float) -> torch.Tensor:
+    """softmax(logit_scale * scores) over queries, then the max over each class's synonyms: [C,H,W]."""
+    return synonym_max(torch.softmax(scores.float() * logit_scale, dim=0), vocab)
+
+
+def threshold_labels(probs: torch.Tensor, *, area_thd: float, prob_thd: float) -> torch.Tensor:
+    """SCLIP-family decision (reference/methods.md §2.7a): area_thd, argmax, then strict prob_thd."""
+    labels = probs.argmax(dim=0)
+    if area_thd > 0:
+        foreground = (labels != 0).sum()
+        areas = torch.bincount(labels.flatten(), minlength=probs.shape[0])
+        suppressed = (areas <= area_thd * foreground)
+        suppressed[0] = False
+        if suppressed.any():
+            probs = probs * (~suppressed).to(probs.dtype).view(-1, 1, 1)
+            labels = probs.argmax(dim=0)
+    if prob_thd > 0:
+        labels = torch.where(probs.max(dim=0).values < prob_thd, torch.zeros_like(labels), labels)
+    return labels
+
+
+def constant_plane_labels(scores: torch.Tensor, vocab: Vocabulary, bg_value: float) -> torch.Tensor:
+    """TCL's background rule: class 0 is a constant plane; argmax of the float32 softmax (§9.8)."""
+    per_class = synonym_max(scores.float(), vocab)
+    per_class[0] = bg_value
+    return torch.softmax(per_class, dim=0).argmax(dim=0)
+
+
+def _register(name: str) -> None:
+    @register_method(name)
+    class _Bound(ClipFamily):
+        __doc__ = f"``{name}``: the CLIP family adapter bound to configs/methods/{name}.yaml."
+
+        def __init__(self, weights: WeightsOptions, device: torch.device, config_path: Path | None = None):
+            super().__init__(load_method_config(name, config_path), weights, device)
+
+    _Bound.name = name
+    _Bound.__name__ = _Bound.__qualname__ = f"{name.capitalize()}Method"
+
+
+for _name in ("clip", "maskclip", "sclip", "clearclip", "naclip"):
+    _register(_name)

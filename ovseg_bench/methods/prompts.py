@@ -1,0 +1,75 @@
+"""Prompt templates and class-name text embeddings, shared by every CLIP-based adapter.
+
+The two averaging orders of the references (reference/methods.md §6):
+``raw``: mean of the raw template embeddings, then L2-normalise (TCL);
+``normalised``: L2-normalise each template embedding, mean, L2-normalise (MaskCLIP, SCLIP family).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..resources import configs_dir
+
+AVERAGING = ("raw", "normalised")
+
+
+def load_templates(name: str) -> tuple[str, ...]:
+    """Templates of a shipped set (``configs/templates/<name>.txt``), one per line."""
+    path = configs_dir() / "templates" / f"{name}.txt"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.txt"))
+        raise ConfigError(f"unknown template set '{name}'; known: {', '.join(known)}")
+    return tuple(line for line in path.read_text(encoding="utf-8").splitlines() if line)
+
+
+@torch.no_grad()
+def encode_names(model: Any, tokenizer: Any, names: list[str], templates: tuple[str, ...],
+                 average: str, device: torch.device | str) -> torch.Tensor:
+    """[len(names), E] float32 L2-normalised text embeddings, one row per name."""
+    if average not in AVERAGING:
+        raise ConfigError(f"template averaging '{average}' is not one of {AVERAGING}")
+    rows = []
+    for name in names:
+        tokens = tokenizer([template.format(name) for template in templates]).to(device)
+        feats = model.encode_text(tokens).float()
+        if average == "normalised":
+            feats = F.normalize(feats, dim=-1)
+        rows.append(F.normalize(feats.mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+class TextCache:
+    """Text embeddings on disk keyed by weights, templates, averaging and names.
+
+    Random weights are never cached (their identity is the seed, cheap to recompute anyway).
+    """
+
+    def __init__(self, root: Path | None = None):
+        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovseg_bench" / "text"
+        self.root = Path(os.environ.get("OVSEG_TEXT_CACHE", root or default))
+
+    def key(self, weights: dict[str, Any], templates: tuple[str, ...], average: str, names: list[str]) -> str:
+        blob = json.dumps([weights, templates, average, names], sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def get_or_compute(self, weights: dict[str, Any], templates: tuple[str, ...], average: str,
+                       names: list[str], compute: Any) -> torch.Tensor:
+        if weights.get("random"):
+            return compute()
+        path = self.root / f"{self.key(weights, templates, average, names)}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        embeddings = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(embeddings.cpu(), tmp)
+        os.replace(tmp, path)
+        return embeddings
