@@ -65,28 +65,23 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
 class Normalisation:
     """Per-channel statistics on the 0-255 scale, RGB order.
 
-    ``reciprocal``: mmcv's ``imnormalize`` (the mmseg 0.x pipeline TCL and MaskCLIP ran)
-    multiplies by 1/std; mmseg 1.x's data preprocessor (the SCLIP family) divides by std.
-    The two differ in the last float32 bit.
+    Both reference pipelines give exactly the float32 quotient ``(x - mean) / std``: mmseg 1.x
+    divides in float32, and mmcv's ``imnormalize`` (mmseg 0.x: TCL, MaskCLIP) multiplies by a
+    float64 reciprocal in float64 and rounds once, which is the correctly rounded quotient
+    (tests/engine/test_transforms.py checks both).
     """
 
     name: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    reciprocal: bool
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] uint8 RGB -> float32 normalised, on the images' device."""
-        x = images.float()
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        x = x - mean
-        if self.reciprocal:
-            inv = torch.tensor([1.0 / s for s in self.std], dtype=torch.float64).float()
-            return x * inv.to(x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        return x / std
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+        return (images.float() - mean) / std
 
 
-IMAGENET = Normalisation("imagenet", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), reciprocal=True)
-CLIP = Normalisation("clip", (122.771, 116.746, 104.094), (68.501, 66.632, 70.323), reciprocal=False)
+IMAGENET = Normalisation("imagenet", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+CLIP = Normalisation("clip", (122.771, 116.746, 104.094), (68.501, 66.632, 70.323))
 NORMALISATIONS = {n.name: n for n in (IMAGENET, CLIP)}

@@ -132,7 +132,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _offline_message(name: str, tag: str, cfg: dict[str, Any]) -> str:
     hub = _hub_file(cfg)
     where = f"https://huggingface.co/{hub[0]}/blob/main/{hub[1]}" if hub else cfg.get("url", "the open_clip release")
+    # A file loads into the architecture as named; OpenAI weights need QuickGELU, which the tag
+    # switches on by itself but a plain file path cannot.
+    model = f"{name}-quickgelu" if cfg.get("quick_gelu") and not name.endswith("-quickgelu") else name
     return (
         f"cannot download the '{tag}' weights of {name} (no network or no cache): download {where} "
-        f"and pass its path with --pretrained PATH, or run the pipeline with random weights: --pretrained none"
+        f"and pass --model {model} --pretrained PATH_TO_THAT_FILE, or run the pipeline with random weights: --pretrained none"
     )
