@@ -7,11 +7,13 @@ numbers are meaningless and flagged as such everywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -35,10 +37,12 @@ def load_clip(model: str, pretrained: str, device: torch.device | str = "cpu") -
     name = _register_model(model)
     if pretrained == RANDOM:
         torch.manual_seed(RANDOM_SEED)  # same random weights every run: pipeline tests are repeatable
-        net = open_clip.create_model(name, pretrained=None)
+        with _quiet_root_logger():  # open_clip warns that no weights were loaded: we flag that ourselves
+            net = open_clip.create_model(name, pretrained=None)
         record = {"architecture": name, "pretrained": RANDOM, "random": True, "seed": RANDOM_SEED}
     elif Path(pretrained).expanduser().is_file():
-        net = open_clip.create_model(name, pretrained=None)
+        with _quiet_root_logger():
+            net = open_clip.create_model(name, pretrained=None)
         _load_local(net, Path(pretrained).expanduser())
         record = {"architecture": name, "pretrained": str(Path(pretrained).expanduser().resolve()), "random": False}
     else:
@@ -50,6 +54,17 @@ def load_clip(model: str, pretrained: str, device: torch.device | str = "cpu") -
     for param in net.parameters():
         param.requires_grad_(False)
     return LoadedClip(net, open_clip.get_tokenizer(name), record)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _register_model(model: str) -> str:
