@@ -354,10 +354,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine spent busy (user+nice+system+irq+softirq+steal)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]   # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (the engine's DataLoader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def load_text() -> str:
     with contextlib.suppress(OSError):
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return "n/a"
+
+
+def pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f}%"
 
 
 def mib(n: float) -> str:
@@ -375,6 +395,7 @@ def run_path(name: str, fn, device: torch.device, timer: StageTimer, memory: Pea
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         profiler = torch.profiler.profile(activities=activities)
     cpu_start = time.process_time()
+    own_start, busy_start = own_cpu_seconds(), machine_busy_seconds()
     start = time.perf_counter()
     with profiler as prof:
         counts, num_windows = fn()
@@ -382,9 +403,15 @@ def run_path(name: str, fn, device: torch.device, timer: StageTimer, memory: Pea
             torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
+    busy_end, own_end = machine_busy_seconds(), own_cpu_seconds()
+    # CPU time other processes took while this path ran, as a share of the machine: a contended
+    # machine (other jobs on the same cores) slows either path by an amount this makes visible.
+    others = None
+    if busy_start is not None and busy_end is not None:
+        others = max(0.0, (busy_end - busy_start) - (own_end - own_start)) / (seconds * (os.cpu_count() or 1))
     result = {"name": name, "seconds": seconds, "cpu_seconds": cpu_seconds, "windows": num_windows,
               "counts": counts, "peak": memory.peak(), "baseline": memory.baseline,
-              "stages": dict(timer.seconds), "load": (load_before, load_text())}
+              "stages": dict(timer.seconds), "load": (load_before, load_text()), "others": others}
     if torch_profile_rows:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=torch_profile_rows)
@@ -393,8 +420,9 @@ def run_path(name: str, fn, device: torch.device, timer: StageTimer, memory: Pea
 
 def print_path(result: dict, images: int, memory: PeakMemory, device: torch.device) -> None:
     s = result["seconds"]
-    print(f"  wall {s:8.2f} s   process CPU {result['cpu_seconds']:8.2f} s   load avg before/after "
-          f"{result['load'][0]} / {result['load'][1]}")
+    print(f"  wall {s:8.2f} s   process CPU {result['cpu_seconds']:8.2f} s   other processes used "
+          f"{pct(result['others'])} of the "
+          f"machine's CPUs meanwhile   load avg before/after {result['load'][0]} / {result['load'][1]}")
     print(f"  {images / s:8.3f} images/s   {result['windows'] / s:8.3f} windows/s   ({result['windows']} windows)")
     if device.type == "cuda":
         print(f"  peak memory {mib(result['peak'])} allocated (baseline {mib(result['baseline'])}, "
@@ -528,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             f"agreement  : mIoU {miou_a:.2f} (A) vs {miou_b:.2f} (B); same label on {100 * agreement:.4f}% of "
             f"{total} pixels (worst image {100 * worst:.4f}%)",
             f"memory     : {memory.kind}",
+            f"contention : other processes used {pct(a['others'])} (A) / {pct(b['others'])} (B) of the machine's "
+            f"CPUs during the reported runs",
             "```",
         ]
         print("\nsummary\n" + "\n".join(lines))

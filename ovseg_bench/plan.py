@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .datasets.cards import ALL_BENCHMARKS, load_card
-from .datasets.listing import list_samples
+from .datasets.cards import ALL_BENCHMARKS, DatasetCard, load_card
+from .datasets.listing import SampleRef, list_samples
 from .engine.protocol import PRECISIONS, fingerprint, load_protocol
-from .engine.runner import EngineOptions, evaluate, resolve_device
-from .errors import ConfigError, TrackError
+from .engine.runner import EngineOptions, Evaluation, autocast_context, evaluate, resolve_device
+from .errors import ConfigError, DataError, TrackError
 from .methods.base import WeightsOptions
 from .registry import get_method
 from .results import SCHEMA, environment, image_ids_digest, metrics_block, write_result
@@ -58,19 +58,37 @@ def run_plan(request: RunRequest, on_result: Callable[[dict[str, Any], Path], No
             raise TrackError(f"method '{request.method}' serves {method_cls.tracks}, "
                              f"dataset '{card.name}' is a '{card.track}' benchmark")
     device = resolve_device(request.device)
+    autocast_context(device, request.engine.precision)  # refuse fp16 on the CPU before loading weights
+    listed = [_listed_samples(card, request) for card in cards]  # a missing later dataset fails up front
     method = method_cls(request.weights, device, request.method_config)
     fp = fingerprint(preset, precision=request.engine.precision, limit=request.limit)
     results = []
-    for card in cards:
-        samples = list_samples(card, request.data_root)[: request.limit]
+    for card, samples in zip(cards, listed):
         settings = preset.settings_for(card.name)
         evaluation = evaluate(method, card, samples, settings, request.engine, device)
+        _require_scored(card.name, evaluation, len(samples))
         result = _result(request, method, card, settings, fp, evaluation, device, len(samples))
         path = write_result(result, request.output, evaluation.counts.per_image.numpy(), evaluation.image_ids)
         results.append(result)
         if on_result:
             on_result(result, path)
     return results
+
+
+def _listed_samples(card: DatasetCard, request: RunRequest) -> list[SampleRef]:
+    samples = list_samples(card, request.data_root)[: request.limit]
+    if not samples:
+        root = card.root_in(request.data_root)
+        where = (f"split file {root / card.split_file} lists no images" if card.split_file
+                 else f"no file ending in '{card.img_suffix}' under {root / card.img_dir}")
+        raise DataError(f"{card.name}: {where}; check the layout with `ovseg-bench data check {card.name}`")
+    return samples
+
+
+def _require_scored(name: str, evaluation: Evaluation, num_listed: int) -> None:
+    if evaluation.counts.num_images == 0:
+        reasons = "; ".join(s["reason"] for s in evaluation.skipped[:3])
+        raise DataError(f"{name}: all {num_listed} listed image(s) were skipped as unreadable, nothing to score: {reasons}")
 
 
 def _validate(request: RunRequest) -> None:
@@ -82,6 +100,8 @@ def _validate(request: RunRequest) -> None:
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
     if request.limit is not None and request.limit < 1:
         raise ConfigError("--limit must be a positive number of images")
+    if request.output.exists() and not request.output.is_dir():
+        raise ConfigError(f"--output {request.output} exists and is not a folder; pass a folder for the result files")
 
 
 def _result(request: RunRequest, method: Any, card: Any, settings: Any, fp: str, evaluation: Any,

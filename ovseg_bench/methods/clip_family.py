@@ -104,7 +104,8 @@ class ClipFamily(WindowMethod):
 
     def settings(self, dataset: str) -> dict[str, Any]:
         cfg = dataclasses.asdict(self.config)
-        cfg.pop("per_dataset")
+        for key in ("per_dataset", "model", "pretrained"):  # weights() records the ones actually used
+            cfg.pop(key)
         cfg.update({key: self.config.knob(key, dataset) for key in PER_DATASET_KEYS})
         cfg["pamr_settings"] = PAMR_SETTINGS.get(self.config.pamr)
         return cfg

@@ -11,11 +11,13 @@ import contextlib
 import dataclasses
 import logging
 import os
+import pickle
 import socket
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import ConfigError, WeightsError
 
@@ -89,9 +91,10 @@ def _load_local(net: torch.nn.Module, path: Path) -> None:
 
     try:
         open_clip.load_checkpoint(net, str(path), strict=True, weights_only=True)
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise WeightsError(
-            f"{path}: not an open_clip state dict for this architecture ({str(exc).splitlines()[0][:300]}). "
+            f"{path}: not an open_clip state dict for this architecture ({first_line[:300]}). "
             "Pass the open_clip_pytorch_model.bin or .safetensors file of the same --model"
         ) from None
 

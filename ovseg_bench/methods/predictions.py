@@ -44,6 +44,9 @@ class PredictionsMethod(LabelMethod):
             labels = decode_label(path)
         except OSError as exc:
             raise DataError(f"{path}: not a readable PNG ({exc})") from None
+        if labels.ndim != 2:
+            raise DataError(f"{path}: prediction has shape {labels.shape}; expected a single-channel "
+                            "(L or P mode) PNG of class indices")
         if labels.shape != tuple(shape):
             raise DataError(f"{path}: prediction is {labels.shape[1]}x{labels.shape[0]}, "
                             f"the ground truth is {shape[1]}x{shape[0]} (width x height); predict at GT size")
