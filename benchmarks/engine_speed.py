@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=parse_size, default=(500, 375), metavar="WxH",
                         help="synthetic image size before the protocol's resize")
     parser.add_argument("--protocol", default="tcl")
-    parser.add_argument("--batch-size", type=int, default=None, help="engine windows per forward (default 16 on CUDA, 8 on CPU)")
-    parser.add_argument("--workers", type=int, default=2, help="engine DataLoader workers")
+    parser.add_argument("--batch-size", type=int, default=None, help="engine windows per forward (default: the engine's, 16 on CUDA, 1 on CPU)")
+    parser.add_argument("--workers", type=int, default=None, help="engine DataLoader workers (default: the engine's, up to 4 on CUDA, 0 on CPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"),
                         help="autocast of the forward pass, for both paths")
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="file to keep the encoded vocabulary between runs (random weights are not cached by "
                              "ovseg-bench itself); not timed either way")
     args = parser.parse_args(argv)
-    if args.images < 1 or args.workers < 0 or args.repeats < 1:
+    if args.images < 1 or (args.workers is not None and args.workers < 0) or args.repeats < 1:
         parser.error("--images and --repeats must be >= 1, --workers >= 0")
     return args
 
@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: no CUDA device is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch_size = args.batch_size or (16 if device.type == "cuda" else 8)
+    defaults = EngineOptions(batch_size=args.batch_size, workers=args.workers).for_device(device)
+    batch_size, args.workers = defaults.batch_size, defaults.workers
     warmup = args.warmup if args.warmup is not None else (32 if device.type == "cuda" else 1)
     stages = args.stages if args.stages is not None else device.type != "cuda"
     forward_autocast(device, args.precision)  # fail early on CPU fp16

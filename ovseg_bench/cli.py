@@ -48,8 +48,10 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--checkpoint", type=Path, default=None, help="method checkpoint file")
     run.add_argument("--config", type=Path, default=None, help="method config YAML (default: configs/methods/<method>.yaml)")
     run.add_argument("--predictions", type=Path, default=None, help="label PNG folder for --method predictions")
-    run.add_argument("--batch-size", type=int, default=8, help="windows per forward pass, across images")
-    run.add_argument("--workers", type=int, default=2, help="DataLoader workers (decode and resize)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="windows per forward pass, across images (default: 16 on CUDA, 1 on CPU)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="DataLoader workers for decode and resize (default: up to 4 on CUDA, 0 on CPU)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto picks CUDA when present)")
     run.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (autocast; part of the fingerprint)")
     run.add_argument("--limit", type=int, default=None, help="first N images only (quick checks; recorded)")

@@ -59,15 +59,16 @@ def run_plan(request: RunRequest, on_result: Callable[[dict[str, Any], Path], No
                              f"dataset '{card.name}' is a '{card.track}' benchmark")
     device = resolve_device(request.device)
     autocast_context(device, request.engine.precision)  # refuse fp16 on the CPU before loading weights
+    engine = request.engine.for_device(device)
     listed = [_listed_samples(card, request) for card in cards]  # a missing later dataset fails up front
     method = method_cls(request.weights, device, request.method_config)
     fp = fingerprint(preset, precision=request.engine.precision, limit=request.limit)
     results = []
     for card, samples in zip(cards, listed):
         settings = preset.settings_for(card.name)
-        evaluation = evaluate(method, card, samples, settings, request.engine, device)
+        evaluation = evaluate(method, card, samples, settings, engine, device)
         _require_scored(card.name, evaluation, len(samples))
-        result = _result(request, method, card, settings, fp, evaluation, device, len(samples))
+        result = _result(request, engine, method, card, settings, fp, evaluation, device, len(samples))
         path = write_result(result, request.output, evaluation.counts.per_image.numpy(), evaluation.image_ids)
         results.append(result)
         if on_result:
@@ -96,7 +97,8 @@ def _validate(request: RunRequest) -> None:
         raise ConfigError("no dataset given; use --dataset NAME[,NAME] or --dataset all")
     if request.engine.precision not in PRECISIONS:
         raise ConfigError(f"--precision '{request.engine.precision}' is not one of {PRECISIONS}")
-    if request.engine.batch_size < 1 or request.engine.workers < 0:
+    batch, workers = request.engine.batch_size, request.engine.workers
+    if (batch is not None and batch < 1) or (workers is not None and workers < 0):
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
     if request.limit is not None and request.limit < 1:
         raise ConfigError("--limit must be a positive number of images")
@@ -104,7 +106,7 @@ def _validate(request: RunRequest) -> None:
         raise ConfigError(f"--output {request.output} exists and is not a folder; pass a folder for the result files")
 
 
-def _result(request: RunRequest, method: Any, card: Any, settings: Any, fp: str, evaluation: Any,
+def _result(request: RunRequest, engine: EngineOptions, method: Any, card: Any, settings: Any, fp: str, evaluation: Any,
             device: Any, num_listed: int) -> dict[str, Any]:
     counts = evaluation.counts
     totals = {key: value.tolist() for key, value in counts.totals.items()}
@@ -126,5 +128,5 @@ def _result(request: RunRequest, method: Any, card: Any, settings: Any, fp: str,
         "env": environment(str(device)),
         "timing": {"seconds": round(seconds, 3),
                    "images_per_s": round(counts.num_images / seconds, 3) if seconds > 0 else None,
-                   "batch_size": request.engine.batch_size, "workers": request.engine.workers},
+                   "batch_size": engine.batch_size, "workers": engine.workers},
     }

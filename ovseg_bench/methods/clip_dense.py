@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ovseg_bench.errors import ConfigError
 
 ATTENTION_VARIANTS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip")
+POS_RESIZE_RULES = ("sclip", "tcl")
 
 # §2.2-§2.4 keep the block's residual and FFN; ClearCLIP (§2.5) and NACLIP (§2.6, 'reduced'
 # architecture) output out_proj(A v) alone.
@@ -71,30 +72,36 @@ def _check_grid(x: Tensor, grid: tuple[int, int]) -> None:
         raise ValueError(f"grid {tuple(grid)} does not match {x.shape[1]} tokens (1 + h*w)")
 
 
-def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Position table for a (h, w) patch grid, by the SCLIP/ClearCLIP/NACLIP rule (§2.7a).
+def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int], *, rule: str = "sclip") -> Tensor:
+    """Position table for a (h, w) patch grid.
 
     Args:
         pos: ``[1+N, D]`` learned table (CLS row first, N = n*n patches of a square grid).
         grid: target patch grid ``(h, w)``.
+        rule: ``"sclip"`` (SCLIP/ClearCLIP/NACLIP, §2.7a) or ``"tcl"`` (TCL, §1.6), see below.
 
     Returns:
-        ``[1+h*w, D]`` in ``pos.dtype``. ``pos`` itself (not a copy) when ``h*w == N``: the
-        repos resize only when the token count changes, so a non-square grid with exactly N
-        patches gets the square table added flattened (§2.7a).
+        ``[1+h*w, D]`` in ``pos.dtype``, CLS row kept; ``pos`` itself (not a copy) when the rule
+        skips the resize. ``sclip``: resized only when the token count changes (a non-square
+        grid with exactly N patches gets the square table added flattened), with the DINO scale
+        factor. ``tcl``: resized whenever the grid is not the square (n, n) one, to ``size=(h, w)``.
+        Both bicubic, ``align_corners=False``, no antialias.
     """
+    if rule not in POS_RESIZE_RULES:
+        raise ConfigError(f"unknown position-resize rule {rule!r}; expected one of {POS_RESIZE_RULES}")
     h, w = grid
-    num_patches = pos.shape[0] - 1
-    if h * w == num_patches:
+    n = _table_side(pos)
+    if (h * w == n * n) if rule == "sclip" else ((h, w) == (n, n)):
         return pos
-    n = math.isqrt(num_patches)
-    if n * n != num_patches:
-        raise ConfigError(f"position table has {num_patches} patch rows, not a square grid")
     table = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
-    # §2.7a: pass the DINO scale factor (grid+0.1)/sqrt(N), not size=(h, w); the factor also
-    # sets the sampling positions (dst+0.5)*sqrt(N)/(grid+0.1)-0.5. No antialias (§1.6).
-    scale = ((h + 0.1) / n, (w + 0.1) / n)
-    table = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)
+    if rule == "tcl":
+        # TCL's sclip/model.py helper takes the target shape (H, W) and resizes to it (§1.6).
+        table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
+    else:
+        # §2.7a: pass the DINO scale factor (grid+0.1)/sqrt(N), not size=(h, w); the factor also
+        # sets the sampling positions (dst+0.5)*sqrt(N)/(grid+0.1)-0.5.
+        scale = ((h + 0.1) / n, (w + 0.1) / n)
+        table = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)
     if tuple(table.shape[-2:]) != (h, w):
         # floor(n*(g+0.1)/n) == g for every realistic g (checked for g < 400, n <= 32); never
         # crop or pad silently, since either would change the reference numerics.
@@ -105,12 +112,38 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
     return torch.cat([pos[:1], table], dim=0)
 
 
-def embed_tokens(visual: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+def _table_side(pos: Tensor) -> int:
+    """n for a ``[1+n*n, D]`` position table; refuses non-square tables."""
+    num_patches = pos.shape[0] - 1
+    n = math.isqrt(num_patches)
+    if n * n != num_patches:
+        raise ConfigError(f"position table has {num_patches} patch rows, not a square grid")
+    return n
+
+
+def pad_to_multiple(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Zero-pad ``[B, C, H, W]`` symmetrically to multiples of ``multiple`` (ClearCLIP, TCL §1.4).
+
+    Returns:
+        The padded images (``images`` itself when no padding is needed) and the ``(top, left)``
+        offsets of the original pixels: left = pad // 2, right = the rest (same for top/bottom).
+    """
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return images, (0, 0)
+    top, left = pad_h // 2, pad_w // 2
+    return F.pad(images, (left, pad_w - left, top, pad_h - top)), (top, left)
+
+
+def embed_tokens(visual: nn.Module, images: Tensor, *,
+                 pos_rule: str = "sclip") -> tuple[Tensor, tuple[int, int]]:
     """Patch embedding, CLS token, resized position table and ``ln_pre``.
 
     Args:
         visual: open_clip ``VisionTransformer``.
         images: ``[B, 3, H, W]`` normalised images, any size >= one patch.
+        pos_rule: position-table resize rule of :func:`interpolate_pos_embed`.
 
     Returns:
         ``x`` ``[B, 1+h*w, D]`` (input of block 0) and the grid ``(h, w) = (H//p, W//p)``:
@@ -122,7 +155,7 @@ def embed_tokens(visual: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, 
     x = patches.flatten(2).transpose(1, 2)  # [B, h*w, D], row-major grid order
     cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
-    x = x + interpolate_pos_embed(visual.positional_embedding, grid).to(x.dtype)
+    x = x + interpolate_pos_embed(visual.positional_embedding, grid, rule=pos_rule).to(x.dtype)
     # patch_dropout is deliberately skipped: it is the identity at inference and would break
     # the grid during training.
     return visual.ln_pre(x), grid
@@ -143,12 +176,35 @@ def run_blocks(visual: nn.Module, x: Tensor, stop: int) -> Tensor:
     if not 0 <= stop <= len(blocks):
         raise ValueError(f"stop={stop} outside [0, {len(blocks)}]")
     # open_clip >= 2.24 builds batch-first blocks; older layouts were sequence-first (LND).
+    if _autocast_on(x):
+        for block in blocks[:stop]:
+            x = _autocast_block(block, x)
+        return x
     batch_first = getattr(visual.transformer, "batch_first", True)
     if not batch_first:
         x = x.transpose(0, 1)
     for block in blocks[:stop]:
         x = block(x)
     return x if batch_first else x.transpose(0, 1)
+
+
+def _autocast_on(x: Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def _autocast_block(block: nn.Module, x: Tensor) -> Tensor:
+    """One residual block, batch-first, for mixed precision.
+
+    Under autocast ``nn.MultiheadAttention`` leaves its fast path and, for batches above one,
+    expands the input projection weight over every token (pytorch/pytorch#126973): gigabytes of
+    copies per block. The same arithmetic written out (in_proj, scaled-dot-product attention,
+    out_proj, MLP) avoids it; fp32 keeps open_clip's own call, bit-identical to the model.
+    """
+    _check_block(block)
+    q, k, v = _qkv(block, x)
+    attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    x = x + block.ls_1(block.attn.out_proj(attended))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:

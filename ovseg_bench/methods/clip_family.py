@@ -36,7 +36,7 @@ from . import clip_dense
 from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod
 from .clip_model import load_clip
 from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
-from .prompts import TextCache, encode_names, load_templates
+from .prompts import TextCache, encode_names, load_templates, text_cache_identity
 
 BACKGROUND_RULES = ("threshold", "constant", "none")
 PAMR_SETTINGS = {"sclip": SCLIP_PAMR, "tcl": TCL_PAMR}
@@ -124,12 +124,7 @@ class ClipFamily(WindowMethod):
                           torch.tensor(query_class, dtype=torch.long, device=self.device), len(classes))
 
     def _cache_identity(self) -> dict[str, Any]:
-        identity = dict(self._weights)
-        path = Path(str(identity.get("pretrained", "")))
-        if path.is_file():
-            stat = path.stat()
-            identity["file_stat"] = [stat.st_size, stat.st_mtime_ns]
-        return identity
+        return text_cache_identity(self._weights)
 
     def forward_windows(self, windows: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
         height, width = windows.shape[-2:]
@@ -145,10 +140,7 @@ class ClipFamily(WindowMethod):
         """ClearCLIP's zero padding to a multiple of the patch size (left/top = pad // 2)."""
         if not self.config.pad_windows:
             return windows, (0, 0)
-        height, width = windows.shape[-2:]
-        pad_h, pad_w = -height % self.patch, -width % self.patch
-        top, left = pad_h // 2, pad_w // 2
-        return F.pad(windows, (left, pad_w - left, top, pad_h - top)), (top, left)
+        return clip_dense.pad_to_multiple(windows, self.patch)
 
     def postprocess(self, scores: torch.Tensor, image: torch.Tensor, vocab: Vocabulary,
                     info: DatasetInfo) -> torch.Tensor:

@@ -46,6 +46,17 @@ def encode_names(model: Any, tokenizer: Any, names: list[str], templates: tuple[
     return torch.stack(rows)
 
 
+def text_cache_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The weights part of a :class:`TextCache` key: the results record of the CLIP weights plus,
+    for a local weights file, its size and mtime (a replaced file must not hit old entries)."""
+    identity = dict(record)
+    path = Path(str(identity.get("pretrained", "")))
+    if path.is_file():
+        stat = path.stat()
+        identity["file_stat"] = [stat.st_size, stat.st_mtime_ns]
+    return identity
+
+
 class TextCache:
     """Text embeddings on disk keyed by weights, templates, averaging and names.
 

@@ -364,3 +364,18 @@ def test_bad_inputs_raise(model):
         last_block(visual.transformer.resblocks[-1], x, "naclip", (14, 15))
     with pytest.raises(ValueError, match="outside"):
         run_blocks(visual, x, 4)
+
+
+def test_run_blocks_under_autocast_matches_open_clip_blocks_per_window():
+    """Mixed precision takes clip_dense's own block (no MHA slow path); per window it equals open_clip's."""
+    import open_clip
+
+    open_clip.add_model_config(str(Path(__file__).parents[1] / "assets" / "tiny_vit.json"))
+    torch.manual_seed(0)
+    visual = open_clip.create_model("tiny_vit", pretrained=None).visual.eval()
+    images = torch.randn(3, 3, 64, 80)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        x, _ = embed_tokens(visual, images)
+        ours = run_blocks(visual, x, len(visual.transformer.resblocks))
+        reference = torch.cat([visual.transformer(x[i:i + 1]) for i in range(3)])
+    assert torch.equal(ours, reference)
