@@ -18,7 +18,8 @@ from .errors import ConfigError
 METHODS = Registry("ovseg_bench method")
 
 # Built-in method modules; importing one registers its adapters.
-_BUILTIN_METHOD_MODULES = ("ovseg_bench.methods.clip_family", "ovseg_bench.methods.predictions")
+_BUILTIN_METHOD_MODULES = ("ovseg_bench.methods.clip_family", "ovseg_bench.methods.predictions",
+                           "ovseg_bench.methods.tcl")
 _loaded = False
 
 

@@ -379,3 +379,24 @@ def test_run_blocks_under_autocast_matches_open_clip_blocks_per_window():
         ours = run_blocks(visual, x, len(visual.transformer.resblocks))
         reference = torch.cat([visual.transformer(x[i:i + 1]) for i in range(3)])
     assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("grid", [(15, 12), (7, 28), (3, 5), (20, 20)])
+def test_pos_embed_tcl_rule_resizes_to_size(visual64, grid):
+    """TCL (§1.6): every grid but the square one is resized, to size=(h, w) (scale = out / in)."""
+    pos = visual64.positional_embedding.detach()
+    h, w = grid
+    table = pos[1:].reshape(TABLE_SIDE, TABLE_SIDE, -1)
+    mh = ref_bicubic_matrix(TABLE_SIDE, h, h / TABLE_SIDE)
+    mw = ref_bicubic_matrix(TABLE_SIDE, w, w / TABLE_SIDE)
+    want = torch.cat([pos[:1], torch.einsum("ai,bj,ijd->abd", mh, mw, table).reshape(h * w, -1)])
+    torch.testing.assert_close(interpolate_pos_embed(pos, grid, rule="tcl"), want, rtol=1e-9, atol=1e-9)
+
+
+def test_pos_embed_tcl_rule_keeps_only_the_square_table(visual64):
+    pos = visual64.positional_embedding.detach()
+    assert interpolate_pos_embed(pos, (TABLE_SIDE, TABLE_SIDE), rule="tcl") is pos
+    assert interpolate_pos_embed(pos, (7, 28)) is pos  # the default (SCLIP) rule is unchanged
+    assert interpolate_pos_embed(pos, (7, 28), rule="tcl") is not pos
+    with pytest.raises(ConfigError, match="position-resize rule"):
+        interpolate_pos_embed(pos, (7, 28), rule="dino")

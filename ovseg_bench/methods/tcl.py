@@ -1,0 +1,499 @@
+"""TCL: text-grounded masks from a trained grounder on frozen CLIP (reference/methods.md §1).
+
+Paper: Cha, Mun, Roh, "Learning to Generate Text-grounded Mask for Open-world Semantic
+Segmentation from Only Image-Text Pairs", CVPR 2023. Reference code: kakaobrain/tcl@bc2b551
+(models/tcl/{tcl,masker,decoders,modules,encoders}.py, segmentation/evaluation/tcl_seg.py).
+Checkpoint: https://github.com/kakaobrain/tcl/releases/download/v1.0.0/tcl.pth, holding only the
+learned ``masker.*`` parameters; the frozen towers are OpenAI CLIP ViT-B/16 from open_clip.
+
+Per window, batched over the B windows of a forward pass (§1.4): zero-pad to a multiple of the
+patch size; the frozen image tower runs every block but the last, whose output x feeds both the
+frozen last block with MaskCLIP attention (-> clip_map) and the grounder (a trained copy of that
+block, MaskCLIP attention too) -> gated decoder (x4) -> LN + projection -> E at 1/4 of the padded
+window; M = sigmoid(w * cos(E, t) + b); PAMR; M = kp_w * K + (1 - kp_w) * M with the KP map
+K = sigmoid(10 * (cos(clip_map, t) - 0.25)); bilinear to the padded window; unpad. Datasets with
+a background class get the constant plane bg_thresh as channel 0 of every window.
+
+Quirks kept on purpose (§1.6):
+- ImageNet normalisation, not CLIP's (a GroupViT legacy in TCL).
+- Class embedding = mean of the raw template features, then L2 (eps 1e-6); TCL normalises the
+  class embeddings once more where it uses them, and so does this adapter.
+- The position table is resized whenever the patch grid is not the square one, to
+  ``size=(h, w)`` (clip_dense rule ``tcl``), unlike SCLIP's token-count rule.
+- The PAMR guide is resized with ``align_corners=True``, every other bilinear resize with
+  ``align_corners=False``; the decoder's x2 upsampling is nearest.
+- The KP branch is mixed in after PAMR, and only background datasets get the plane, which is
+  averaged over windows and resized with the class masks (adding it after resizing differs).
+- Scores are soft masks in [0, 1]; the label is the argmax of their float32 softmax.
+
+Not matched bit for bit: TCL runs the towers in CLIP's sequence-first layout through
+``nn.MultiheadAttention`` (here batch-first open_clip blocks and an explicit value path), and
+its published run used cuDNN TF32 convolutions on GPU; both differ at float level only.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..engine.transforms import NORMALISATIONS
+from ..errors import ConfigError, WeightsError
+from ..registry import register_method
+from ..resources import configs_dir
+from ..yamlconf import load_dataclass
+from . import clip_dense
+from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod
+from .clip_family import synonym_max
+from .clip_model import load_clip
+from .pamr import PAMR, TCL_PAMR
+from .prompts import AVERAGING, TextCache, encode_names, load_templates, text_cache_identity
+
+TCL_CHECKPOINT_URL = "https://github.com/kakaobrain/tcl/releases/download/v1.0.0/tcl.pth"
+NORM_EPS = 1e-6  # TCL's us.normalize (F.normalize with eps 1e-6), §1.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TclConfig:
+    """One ``configs/methods/tcl*.yaml``; defaults are TCL's configs/eval.yml (§1.4)."""
+
+    name: str
+    paper: str
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    normalisation: str = "imagenet"
+    templates: str = "tcl9"
+    template_average: str = "raw"
+    pamr: bool = True
+    bg_thresh: float = 0.4
+    kp_w: float = 0.3
+    kp_temperature: float = 10.0
+    kp_shift: float = 0.25
+    checkpoint_url: str = TCL_CHECKPOINT_URL
+
+    def __post_init__(self) -> None:
+        checks = [("normalisation", self.normalisation, tuple(NORMALISATIONS)),
+                  ("template_average", self.template_average, AVERAGING)]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"method '{self.name}': {key} '{value}' is not one of {allowed}")
+        if not 0.0 <= self.kp_w <= 1.0:
+            raise ConfigError(f"method '{self.name}': kp_w must lie in [0, 1], found {self.kp_w}")
+
+
+def load_tcl_config(name: str, path: Path | None = None) -> TclConfig:
+    return load_dataclass(TclConfig, path or configs_dir() / "methods" / f"{name}.yaml")
+
+
+# ----------------------------------------------------------------------------- modules
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of ``[B, C, H, W]`` (eps 1e-5), TCL's modules.LayerNorm2d."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Gate(nn.Module):
+    """``tanh(g) * x`` with a 0-dim learned ``gate`` g (initialised 0: the block starts as identity)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.gate) * x
+
+
+class ConvBlock(nn.Module):
+    """Pre-activation block: LayerNorm2d -> exact GELU -> 3x3 conv (bias, zero pad) -> gate (§1.1)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = LayerNorm2d(channels, eps=1e-5)
+        self.activ = nn.GELU()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1, bias=True)
+        self.gate = Gate()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gate(self.conv(self.activ(self.norm(x))))
+
+
+class ResConv(nn.Module):
+    """Nearest x2 upsampling, then two gated residual conv blocks: x += conv(x); x += conv2(x)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = ConvBlock(channels)
+        self.conv2 = ConvBlock(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2)  # nearest, as TCL's ResConv(upsample=True)
+        x = x + self.conv(x)
+        return x + self.conv2(x)
+
+
+class GDecoder(nn.Module):
+    """TCL's gated decoder: ``layers`` ResConv blocks, ``[B, C, h, w]`` -> ``[B, C, 4h, 4w]``."""
+
+    def __init__(self, channels: int, layers: int = 2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*[ResConv(channels) for _ in range(layers)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class LNProj(nn.Module):
+    """``ln`` then ``@ proj`` on every position: ``[B, C, H, W]`` -> ``[B, E, H, W]`` (TCL's LNProjLayer)."""
+
+    def __init__(self, ln: nn.Module, proj: Tensor) -> None:
+        super().__init__()
+        self.ln = ln
+        self.proj = nn.Parameter(proj)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        tokens = self.ln(x.flatten(2).transpose(1, 2)) @ self.proj  # [B, H*W, E]
+        return tokens.transpose(1, 2).reshape(b, -1, h, w)
+
+
+class Sim2Mask(nn.Module):
+    """Soft mask ``sigmoid(cos * w + b)`` with 0-dim learned w, b (init 10, -2.5; §1.1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(10.0))
+        self.b = nn.Parameter(torch.tensor(-2.5))
+
+    def forward(self, cosine: Tensor) -> Tensor:
+        return torch.sigmoid(cosine * self.w + self.b)
+
+
+def tokens_to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``[B, 1+h*w, D]`` tokens (CLS first) -> ``[B, D, h, w]`` patch map, CLS dropped."""
+    patches = tokens[:, 1:]
+    return patches.transpose(1, 2).reshape(patches.shape[0], -1, grid[0], grid[1])
+
+
+class TclMasker(nn.Module):
+    """The learned part of TCL, shaped after the backbone ``visual`` (an open_clip ViT).
+
+    ``grounder``: a copy of the last block (its weights come from the checkpoint), run with the
+    MaskCLIP diagonal attention; ``decoder``: GDecoder at the tower width D; ``image_proj``:
+    LN(D) + [D, E] projection; ``sim2mask``: the w, b mask head.
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        width, embed = visual.proj.shape
+        self.grounder = copy.deepcopy(visual.transformer.resblocks[-1])
+        self.decoder = GDecoder(int(width))
+        self.image_proj = LNProj(copy.deepcopy(visual.ln_post), visual.proj.detach().clone())
+        self.sim2mask = Sim2Mask()
+        self.requires_grad_(False)
+
+    def embed(self, feats: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Last-block input ``[B, 1+h*w, D]`` -> E ``[B, E, 4h, 4w]`` (not normalised)."""
+        x = clip_dense.last_block(self.grounder, feats, "maskclip", grid)
+        return self.image_proj(self.decoder(tokens_to_map(x, grid)))
+
+    def forward(self, feats: Tensor, grid: tuple[int, int], text: Tensor) -> Tensor:
+        """Soft masks ``[B, N, 4h, 4w]`` in [0, 1] for L2-normalised ``text`` ``[N, E]``."""
+        emb = F.normalize(self.embed(feats, grid), dim=1, eps=NORM_EPS)
+        return self.sim2mask(torch.einsum("bchw,nc->bnhw", emb, text))
+
+
+# ----------------------------------------------------------------------------- checkpoint
+# Published key prefix of each TclMasker child (§1.2). The grounder keeps its block's index in
+# CLIP's resblocks (L-1), and the decoder sits in a Sequential named "decoder" inside the
+# masker's "decoder": hence the doubled decoder.decoder.
+CHECKPOINT_PREFIXES = {
+    "grounder": "masker.image_encoder.backbone.transformer.resblocks.{block}.",
+    "decoder": "masker.image_encoder.decoder.decoder.",
+    "image_proj": "masker.image_encoder.decoder.image_proj.",
+    "sim2mask": "masker.sim2mask.",
+}
+# Loss temperatures are unused at inference; the frozen towers (in a full training checkpoint)
+# come from --pretrained instead.
+IGNORED_KEYS = re.compile(r".+_loss\..+|clip_(image|text)_encoder\..+")
+_MAX_LISTED = 40
+
+
+def published_key(name: str, block_index: int) -> str:
+    """Checkpoint key of TclMasker parameter ``name`` (e.g. ``sim2mask.w`` -> ``masker.sim2mask.w``)."""
+    head, _, rest = name.partition(".")
+    return CHECKPOINT_PREFIXES[head].format(block=block_index) + rest
+
+
+def remap_checkpoint(checkpoint: Any, expected: Mapping[str, tuple[int, ...]], *, block_index: int,
+                     source: str) -> dict[str, Tensor]:
+    """TCL's ``torch.save`` dict -> a TclMasker state dict, refusing any mismatch.
+
+    Args:
+        checkpoint: what ``torch.load`` returned; ``checkpoint["model"]`` is the state dict.
+        expected: TclMasker parameter name -> shape (0-dim gates and w/b are ``()``).
+        block_index: index of the grounder's block in the published keys (L-1, 11 for ViT-B/16).
+        source: file name for the messages.
+
+    Returns:
+        Parameter name -> tensor for every name of ``expected``.
+
+    Raises:
+        WeightsError: listing every missing, unexpected and mis-shaped key (never a partial load).
+    """
+    state = _model_entry(checkpoint, source)
+    wanted = {published_key(name, block_index): name for name in expected}
+    found: dict[str, Tensor] = {}
+    unexpected, misshaped = [], []
+    for key, value in state.items():
+        name = wanted.get(key)
+        if name is None:
+            if not IGNORED_KEYS.fullmatch(str(key)):
+                unexpected.append(str(key))
+            continue
+        shape = tuple(value.shape) if isinstance(value, Tensor) else None
+        if shape != tuple(expected[name]):
+            found_text = list(shape) if shape is not None else type(value).__name__
+            misshaped.append(f"{key} (expected {list(expected[name])}, found {found_text})")
+        found[name] = value
+    missing = [key for key, name in wanted.items() if name not in found]
+    if missing or unexpected or misshaped:
+        raise WeightsError(_mismatch_message(source, block_index, expected, missing, unexpected, misshaped))
+    return found
+
+
+def _model_entry(checkpoint: Any, source: str) -> Mapping[str, Any]:
+    is_dict = isinstance(checkpoint, Mapping)
+    state = checkpoint.get("model") if is_dict else None
+    if not isinstance(state, Mapping):
+        found = f"keys {sorted(map(str, checkpoint))[:5]}" if is_dict else type(checkpoint).__name__
+        raise WeightsError(f"{source}: expected TCL's checkpoint format, a dict whose 'model' entry is the state "
+                           f"dict, found {found}; pass the tcl.pth released at {TCL_CHECKPOINT_URL}")
+    return state
+
+
+def _mismatch_message(source: str, block_index: int, expected: Mapping[str, tuple[int, ...]],
+                      missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    def listing(label: str, keys: list[str]) -> str:
+        more = f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+        return f"{label} ({len(keys)}): {', '.join(keys[:_MAX_LISTED])}{more}"
+
+    width, embed = expected["image_proj.proj"]
+    parts = [listing(label, keys) for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    return (f"{source}: not a TCL checkpoint for this backbone (grounder = resblocks.{block_index}, width "
+            f"{width}, embedding {embed}): {'; '.join(parts)}. Pass the tcl.pth released at {TCL_CHECKPOINT_URL} "
+            "with --model ViT-B-16 --pretrained openai, or a checkpoint in the same key layout made for --model")
+
+
+def read_checkpoint(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; unreadable files raise WeightsError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise WeightsError(f"{path}: not a readable torch checkpoint ({first_line[:200]}); "
+                           f"pass the tcl.pth released at {TCL_CHECKPOINT_URL}") from None
+
+
+def checkpoint_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ovseg_bench/checkpoints``, else ``~/.cache/ovseg_bench/checkpoints``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ovseg_bench" / "checkpoints"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(url: str, target: Path) -> None:
+    """Fetch ``url`` to ``target`` (torch.hub writes a temporary file and renames it)."""
+    torch.hub.download_url_to_file(url, str(target), progress=True)
+
+
+def fetch_checkpoint(url: str, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """The cached copy of ``url``, downloaded on first use; returns (path, sha256).
+
+    Trust on first use: no checksum is published with the release, so the sha256 of the first
+    download is recorded in ``<file>.sha256.json`` beside it and every later use must match it.
+    Offline, or on any download failure, raises WeightsError saying what to fetch by hand.
+    """
+    cache_dir = cache_dir or checkpoint_cache_dir()
+    path = cache_dir / (Path(urlparse(url).path).name or "checkpoint.pth")
+    if not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            _download(url, path)
+        except Exception as exc:  # urllib/http/socket errors all mean the same to the user
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise WeightsError(f"cannot download the TCL checkpoint {url} ({reason}); download it on a machine "
+                               "with network access and pass --checkpoint PATH_TO/tcl.pth") from None
+    digest = sha256_file(path)
+    _check_recorded_digest(path, url, digest)
+    return path, digest
+
+
+def _check_recorded_digest(path: Path, url: str, digest: str) -> None:
+    record = path.with_name(path.name + ".sha256.json")
+    if not record.is_file():
+        tmp = record.with_name(f".{record.name}.tmp{os.getpid()}")
+        entry = {"url": url, "sha256": digest, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, record)
+        return
+    recorded = json.loads(record.read_text(encoding="utf-8")).get("sha256")
+    if recorded != digest:
+        raise WeightsError(f"{path}: sha256 {digest} differs from {recorded} recorded at its first download in "
+                           f"{record}; delete both files to download it again, or pass --checkpoint PATH")
+
+
+# ----------------------------------------------------------------------------- adapter
+@dataclasses.dataclass(frozen=True)
+class TclVocabulary(Vocabulary):
+    """A vocabulary whose query 0 may be TCL's constant background plane.
+
+    ``bg_plane``: the plane's value (``embeddings`` row 0 is then an unused zero row and query 0
+    belongs to class 0), or None for datasets without a background class.
+    """
+
+    bg_plane: float | None = None
+
+
+class Tcl(WindowMethod):
+    """Shared adapter; the registered names below bind it to their config files."""
+
+    def __init__(self, config: TclConfig, weights: WeightsOptions, device: torch.device):
+        self.config = config
+        self.device = device
+        self.normalisation = NORMALISATIONS[config.normalisation]
+        checkpoint, self._checkpoint_record = self._checkpoint_file(weights.checkpoint)
+        clip = load_clip(weights.model or config.model, weights.pretrained or config.pretrained, device)
+        self.model, self.tokenizer, self._weights = clip.model, clip.tokenizer, clip.record
+        visual = self.model.visual
+        self.patch = int(visual.conv1.kernel_size[0])
+        self.masker = TclMasker(visual)
+        _load_masker(self.masker, checkpoint, block_index=len(visual.transformer.resblocks) - 1)
+        self.masker.to(device).eval()
+        self.pamr = PAMR(**TCL_PAMR).to(device) if config.pamr else None
+        self.text_cache = TextCache()
+
+    def _checkpoint_file(self, given: Path | None) -> tuple[Path, dict[str, Any]]:
+        if given is None:
+            path, digest = fetch_checkpoint(self.config.checkpoint_url)
+            return path, {"checkpoint": self.config.checkpoint_url, "checkpoint_sha256": digest}
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"--checkpoint {path}: file not found; pass the TCL checkpoint (tcl.pth from "
+                               f"{self.config.checkpoint_url})")
+        return path, {"checkpoint": str(path.resolve()), "checkpoint_sha256": sha256_file(path)}
+
+    def weights(self) -> dict[str, Any]:
+        return {**self._weights, **self._checkpoint_record}
+
+    def settings(self, dataset: str) -> dict[str, Any]:
+        cfg = dataclasses.asdict(self.config)
+        for key in ("model", "pretrained"):  # weights() records the ones actually used
+            cfg.pop(key)
+        cfg["pamr_settings"] = dict(TCL_PAMR) if self.config.pamr else None
+        cfg["pos_resize"] = "tcl"
+        return cfg
+
+    def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> TclVocabulary:
+        """Text queries for every synonym of the classes; background is never text-encoded (§1.3)."""
+        plane = info.background_class
+        first = 1 if plane else 0
+        names = [name for synonyms in classes[first:] for name in synonyms]
+        query_class = ([0] if plane else []) + [c for c, synonyms in enumerate(classes) if c >= first for _ in synonyms]
+        templates = load_templates(self.config.templates)
+        embeddings = self.text_cache.get_or_compute(
+            text_cache_identity(self._weights), templates, self.config.template_average, names,
+            lambda: encode_names(self.model, self.tokenizer, names, templates,
+                                 self.config.template_average, self.device))
+        embeddings = embeddings.to(self.device).float()
+        if plane:
+            embeddings = torch.cat([embeddings.new_zeros(1, embeddings.shape[1]), embeddings])
+        return TclVocabulary(embeddings, torch.tensor(query_class, dtype=torch.long, device=self.device),
+                             len(classes), bg_plane=self.config.bg_thresh if plane else None)
+
+    def forward_windows(self, windows: Tensor, vocab: Vocabulary) -> Tensor:
+        """[B,3,h,w] ImageNet-normalised windows -> [B,Q,h,w] soft masks in [0, 1].
+
+        With a background plane, channel 0 is the constant ``bg_thresh`` (per window, §1.6).
+        """
+        height, width = windows.shape[-2:]
+        bg_plane = getattr(vocab, "bg_plane", None)
+        text = vocab.embeddings[1:] if bg_plane is not None else vocab.embeddings
+        padded, (top, left) = clip_dense.pad_to_multiple(windows, self.patch)
+        masks = self.window_masks(padded, text)
+        masks = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        masks = masks[:, :, top:top + height, left:left + width]
+        if bg_plane is None:
+            return masks
+        return torch.cat([masks.new_full((masks.shape[0], 1, height, width), bg_plane), masks], dim=1)
+
+    def window_masks(self, padded: Tensor, text: Tensor) -> Tensor:
+        """Padded windows ``[B,3,H,W]`` (H, W multiples of the patch) -> masks ``[B,N,H/4,W/4]``."""
+        visual = self.model.visual
+        x, grid = clip_dense.embed_tokens(visual, padded, pos_rule="tcl")
+        depth = len(visual.transformer.resblocks)
+        feats = clip_dense.run_blocks(visual, x, depth - 1)  # TCL's hooked feats[0] (§1.1)
+        clip_tokens = clip_dense.last_block(visual.transformer.resblocks[depth - 1], feats, "maskclip", grid)
+        text = F.normalize(text, dim=-1, eps=NORM_EPS)
+        masks = self.masker(feats, grid, text)
+        if self.pamr is not None:
+            guide = F.interpolate(padded, size=masks.shape[-2:], mode="bilinear", align_corners=True)
+            masks = self.pamr(guide, masks)
+        if self.config.kp_w:
+            masks = self._kp_mix(clip_tokens, grid, text, masks)
+        return masks
+
+    def _kp_mix(self, clip_tokens: Tensor, grid: tuple[int, int], text: Tensor, masks: Tensor) -> Tensor:
+        """M <- kp_w * K + (1 - kp_w) * M, K = sigmoid((cos(clip_map, t) - shift) * temperature) (§1.4.6)."""
+        feats = tokens_to_map(clip_dense.project_tokens(self.model.visual, clip_tokens), grid)
+        cosine = torch.einsum("bchw,nc->bnhw", F.normalize(feats, dim=1, eps=NORM_EPS), text)
+        keep = torch.sigmoid((cosine - self.config.kp_shift) * self.config.kp_temperature)
+        keep = F.interpolate(keep, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        return self.config.kp_w * keep + (1.0 - self.config.kp_w) * masks
+
+    def postprocess(self, scores: Tensor, image: Tensor, vocab: Vocabulary, info: DatasetInfo) -> Tensor:
+        """[Q,H,W] stitched masks -> [H,W] labels: max over synonyms, argmax of the float32 softmax (§9.8)."""
+        return torch.softmax(synonym_max(scores.float(), vocab), dim=0).argmax(dim=0)
+
+
+def _load_masker(masker: TclMasker, path: Path, *, block_index: int) -> None:
+    expected = {name: tuple(value.shape) for name, value in masker.state_dict().items()}
+    state = remap_checkpoint(read_checkpoint(path), expected, block_index=block_index, source=str(path))
+    masker.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------- variants
+def _register(name: str) -> None:
+    @register_method(name)
+    class _Bound(Tcl):
+        __doc__ = f"``{name}``: the TCL adapter bound to configs/methods/{name}.yaml."
+
+        def __init__(self, weights: WeightsOptions, device: torch.device, config_path: Path | None = None):
+            super().__init__(load_tcl_config(name, config_path), weights, device)
+
+    _Bound.name = name
+    _Bound.__name__ = _Bound.__qualname__ = "".join(part.capitalize() for part in name.split("_")) + "Method"
+
+
+for _name in ("tcl", "tcl_nopamr"):
+    _register(_name)
