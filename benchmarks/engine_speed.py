@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", default="maskclip")
     parser.add_argument("--model", default="ViT-B-16", help="open_clip name or model-config JSON")
     parser.add_argument("--pretrained", default="none", help="'none' = seeded random weights")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="method checkpoint (tcl)")
+    parser.add_argument("--random-checkpoint", action="store_true",
+                        help="tcl: write a random checkpoint in the published key layout for --model and use it")
     parser.add_argument("--images", type=int, default=16, help="number of synthetic images")
     parser.add_argument("--size", type=parse_size, default=(500, 375), metavar="WxH",
                         help="synthetic image size before the protocol's resize")
@@ -441,6 +444,18 @@ def print_path(result: dict, images: int, memory: PeakMemory, device: torch.devi
 
 # --------------------------------------------------------------------------- main
 
+def write_random_tcl_checkpoint(model: str, path: Path) -> Path:
+    """A TCL checkpoint in the published key layout with freshly initialised masker weights."""
+    from ovseg_bench.methods.clip_model import load_clip
+    from ovseg_bench.methods.tcl import TclMasker, published_key
+
+    visual = load_clip(model, "none").model.visual
+    block = len(visual.transformer.resblocks) - 1
+    state = TclMasker(visual).state_dict()
+    torch.save({"model": {published_key(name, block): value for name, value in state.items()}}, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -465,7 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         write_dataset(DATASET, root, num_images=args.images, sizes=[(height, width)] * args.images)
         samples = list_samples(card, root)
 
-        method = get_method(args.method)(WeightsOptions(model=args.model, pretrained=args.pretrained), device)
+        checkpoint = args.checkpoint
+        if args.random_checkpoint:
+            checkpoint = write_random_tcl_checkpoint(args.model, root / "random_tcl.pth")
+        method = get_method(args.method)(
+            WeightsOptions(model=args.model, pretrained=args.pretrained, checkpoint=checkpoint), device)
         info = DatasetInfo(card.name, card.class_names(), card.background_class)
         classes = card.class_synonyms(settings.classnames)
         vocab = encode_vocabulary(method, classes, info, args.vocab_cache, device)

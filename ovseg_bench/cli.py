@@ -24,14 +24,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovseg-bench", description="Exact, reproducible zero-shot semantic segmentation benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    _add_predict(sub)
     listing = sub.add_parser("list", help="list methods, datasets or protocols")
     listing.add_argument("what", choices=("methods", "datasets", "protocols"))
-    data = sub.add_parser("data", help="dataset tools")
+    _add_results_commands(sub)
+    _add_data(sub)
+    return parser
+
+
+def _add_data(sub: Any) -> None:
+    data = sub.add_parser("data", help="dataset tools: prepare (download and convert), check")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="report what is found and missing per dataset")
     check.add_argument("names", nargs="*", help="dataset names (default: the eight benchmarks)")
     check.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
-    return parser
+    check.add_argument("--deep", action="store_true", help="also verify checksums against the shipped manifest")
+    prepare = data_sub.add_parser("prepare", help="download, extract and convert a benchmark into the MMSegmentation layout")
+    prepare.add_argument("names", nargs="+", help="voc | context | coco_stuff | coco_object | cityscapes | ade20k | all")
+    prepare.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
+    prepare.add_argument("--download-dir", type=Path, default=None, help="where archives are kept (default: DATA_ROOT/downloads)")
+    prepare.add_argument("--from-archive", type=Path, action="append", default=[],
+                         help="an archive fetched by hand (repeatable; the only way for Cityscapes)")
+    prepare.add_argument("--workers", type=int, default=None, help="parallel conversion processes (default: CPU count)")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_results_commands(sub: Any) -> None:
+    board = sub.add_parser("leaderboard", help="render the markdown leaderboard from result files")
+    board.add_argument("--results", type=Path, required=True, help="folder of result files (searched recursively)")
+    board.add_argument("--out", type=Path, default=Path("leaderboard/README.md"), help="markdown file to write")
+    board.add_argument("--reported", type=Path, default=None,
+                       help="reported paper numbers (default: the shipped leaderboard/reported.yaml)")
+    compare = sub.add_parser("compare", help="paired bootstrap between two results on the same images")
+    compare.add_argument("a", type=Path, help="result JSON A")
+    compare.add_argument("b", type=Path, help="result JSON B")
+    compare.add_argument("--resamples", type=int, default=1000)
+    compare.add_argument("--seed", type=int, default=0)
+    regress = sub.add_parser("regress", help="CI gate: fail when mIoU drops beyond a tolerance against a baseline")
+    regress.add_argument("--results", type=Path, required=True, help="folder of result files")
+    regress.add_argument("--baseline", type=Path, required=True, help="baseline file (written by --update)")
+    regress.add_argument("--tolerance", type=float, default=0.3, help="allowed mIoU drop in points (default 0.3)")
+    regress.add_argument("--update", action="store_true", help="rewrite the baseline from the results")
+
+
+def _add_predict(sub: Any) -> None:
+    predict = sub.add_parser("predict", help="segment one image with a free vocabulary and write a colour overlay")
+    predict.add_argument("--method", required=True)
+    predict.add_argument("--image", type=Path, required=True)
+    predict.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,sofa,floor"')
+    predict.add_argument("--out", type=Path, default=Path("overlay.png"))
+    predict.add_argument("--protocol", default="tcl", help="resize and window settings (default: tcl)")
+    predict.add_argument("--model", default=None)
+    predict.add_argument("--pretrained", default=None)
+    predict.add_argument("--checkpoint", type=Path, default=None)
+    predict.add_argument("--config", type=Path, default=None)
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--precision", default="fp32")
 
 
 def _add_run(sub: Any) -> None:
@@ -57,6 +105,12 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--limit", type=int, default=None, help="first N images only (quick checks; recorded)")
     run.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="skip unreadable images")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its saved state; skip datasets already done")
+    run.add_argument("--save-predictions", action="store_true",
+                     help="write label PNGs under OUTPUT/predictions/<method>/<dataset>/ (readable by --method predictions)")
+    run.add_argument("--visualize", type=int, default=0, metavar="N",
+                     help="write image | ground truth | prediction panels for the first N images")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +120,33 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "list":
             return _list(args.what)
-        return _data_check(args)
+        if args.command == "data" and args.data_command == "check":
+            return _data_check(args)
+        return _delegate(args)
     except OvsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# Commands implemented in their own modules: (module, function taking the parsed args, returning the exit code).
+_DELEGATED = {
+    "leaderboard": ("ovseg_bench.leaderboard", "leaderboard_command"),
+    "compare": ("ovseg_bench.stats", "compare_command"),
+    "regress": ("ovseg_bench.regress", "regress_command"),
+    "predict": ("ovseg_bench.pictures", "predict_command"),
+    "prepare": ("ovseg_bench.datasets.prepare", "prepare_command"),
+}
+
+
+def _delegate(args: argparse.Namespace) -> int:
+    import importlib
+
+    key = args.data_command if args.command == "data" else args.command
+    module, function = _DELEGATED[key]
+    return getattr(importlib.import_module(module), function)(args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -84,7 +158,8 @@ def _run(args: argparse.Namespace) -> int:
         method=args.method, datasets=expand_datasets(args.dataset), protocol=args.protocol,
         data_root=args.data_root or default_data_root(), output=args.output,
         weights=WeightsOptions(args.model, args.pretrained, args.checkpoint, args.predictions),
-        method_config=args.config, device=args.device, limit=args.limit,
+        method_config=args.config, device=args.device, limit=args.limit, resume=args.resume,
+        save_predictions=args.save_predictions, visualize=args.visualize,
         engine=EngineOptions(args.batch_size, args.workers, args.precision, args.on_error, args.quiet))
 
     def report(result: dict[str, Any], path: Path) -> None:

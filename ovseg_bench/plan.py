@@ -32,6 +32,9 @@ class RunRequest:
     device: str = "auto"
     limit: int | None = None
     engine: EngineOptions = EngineOptions()
+    resume: bool = False
+    save_predictions: bool = False   # label PNGs under output/predictions/<method>/<dataset>/
+    visualize: int = 0               # image | GT | prediction panels for the first N images
 
 
 def default_data_root() -> Path:
@@ -66,7 +69,13 @@ def run_plan(request: RunRequest, on_result: Callable[[dict[str, Any], Path], No
     results = []
     for card, samples in zip(cards, listed):
         settings = preset.settings_for(card.name)
-        evaluation = evaluate(method, card, samples, settings, engine, device)
+        hook = None
+        if request.save_predictions or request.visualize:
+            from .pictures import make_image_hook
+
+            hook = make_image_hook(request.output, request.method, card, samples,
+                                   save_predictions=request.save_predictions, visualize=request.visualize)
+        evaluation = evaluate(method, card, samples, settings, engine, device, on_image=hook)
         _require_scored(card.name, evaluation, len(samples))
         result = _result(request, engine, method, card, settings, fp, evaluation, device, len(samples))
         path = write_result(result, request.output, evaluation.counts.per_image.numpy(), evaluation.image_ids)
@@ -120,7 +129,7 @@ def _result(request: RunRequest, engine: EngineOptions, method: Any, card: Any, 
                     "data_root": str(Path(request.data_root).resolve()) if not card.embedded else "(embedded)"},
         "protocol": {"preset": request.protocol, "fingerprint": fp, "settings": dataclasses.asdict(settings),
                      "precision": request.engine.precision, "limit": request.limit},
-        "metrics": metrics_block(counts.compute(), card.class_names()),
+        "metrics": metrics_block(counts.compute(), card.class_names(), per_image=counts.per_image),
         "counts": totals,
         "images": {"seen": counts.num_images, "listed": num_listed, "expected": card.num_images,
                    "windows": evaluation.num_windows, "skipped": evaluation.skipped,

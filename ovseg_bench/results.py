@@ -34,8 +34,11 @@ def image_ids_digest(image_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(image_ids).encode()).hexdigest()
 
 
-def metrics_block(summary: Any, class_names: tuple[str, ...]) -> dict[str, Any]:
-    """Percent metrics, per class keyed by name; NaN (class never present nor predicted) -> null."""
+def metrics_block(summary: Any, class_names: tuple[str, ...], per_image: Any = None) -> dict[str, Any]:
+    """Percent metrics, per class keyed by name; NaN (class never present nor predicted) -> null.
+
+    ``per_image`` (int64 [images, 4, classes]) is where the confidence interval will come from.
+    """
     per_class = {name: {"iou": _finite(iou), "acc": _finite(acc)}
                  for name, iou, acc in zip(class_names, summary.iou, summary.acc)}
     return {"mIoU": summary.miou, "aAcc": summary.aacc, "mAcc": summary.macc, "per_class": per_class}

@@ -14,7 +14,9 @@ import os
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -28,6 +30,7 @@ from ..methods.base import DatasetInfo, LabelMethod, Method, Vocabulary, WindowM
 from .metrics import IoUCounts
 from .protocol import DatasetSettings
 from .sliding import Canvas, Window, image_windows
+from .transforms import resize_image
 
 ON_ERROR = ("fail", "skip")
 
@@ -87,12 +90,19 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# Called once per finished image, in dataset order: (index in the sample list, image id,
+# labels [H,W] int64 on the device, GT [H,W] uint8). For saving predictions and pictures.
+ImageHook = Callable[[int, str, torch.Tensor, torch.Tensor], None]
+
+
 def evaluate(method: Method, card: DatasetCard, samples: list[SampleRef], settings: DatasetSettings,
-             options: EngineOptions, device: torch.device) -> Evaluation:
+             options: EngineOptions, device: torch.device, on_image: ImageHook | None = None) -> Evaluation:
     """Run ``method`` over ``samples`` of ``card`` and return the accumulated counts."""
     start = time.perf_counter()
     options = options.for_device(device)
-    loop = _Loop(method, card, settings, options, device)
+    info = DatasetInfo(card.name, card.class_names(), card.background_class)
+    classes = card.class_synonyms(settings.classnames)
+    loop = _Loop(method, info, classes, settings, options, device, ignore_index=card.ignore_index, on_image=on_image)
     loader = DataLoader(SplitDataset(card, samples, settings), batch_size=None, shuffle=False,
                         num_workers=options.workers, collate_fn=None)
     bar = tqdm(total=len(samples), desc=card.name, unit="img", disable=options.quiet, dynamic_ncols=True)
@@ -105,19 +115,42 @@ def evaluate(method: Method, card: DatasetCard, samples: list[SampleRef], settin
     return Evaluation(loop.counts, loop.image_ids, loop.skipped, loop.num_windows, time.perf_counter() - start)
 
 
+def segment_image(method: WindowMethod, bgr: np.ndarray, classes: list[list[str]], settings: DatasetSettings,
+                  device: torch.device, *, precision: str = "fp32", background_class: bool = False) -> torch.Tensor:
+    """Labels [H,W] (int64) of one decoded HxWx3 uint8 BGR image for a free vocabulary.
+
+    The same windows, stitching and postprocess as a benchmark run; ``classes`` are lists of
+    synonyms, label k is ``classes[k]``.
+    """
+    names = tuple(synonyms[0] for synonyms in classes)
+    info = DatasetInfo("custom", names, background_class)
+    options = EngineOptions(precision=precision, quiet=True).for_device(device)
+    found: list[torch.Tensor] = []
+    loop = _Loop(method, info, classes, settings, options, device,
+                 on_image=lambda index, image_id, labels, gt: found.append(labels))
+    resized = resize_image(bgr, settings.short_side, settings.long_side)
+    rgb = torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1].transpose(2, 0, 1)))
+    unscored = torch.full(bgr.shape[:2], 255, dtype=torch.uint8)  # all ignored: no metric here
+    with torch.inference_mode():
+        loop.push(Sample(0, "image", rgb, unscored))
+        loop.flush()
+    return found[0]
+
+
 class _Loop:
     """State of one evaluation: in-flight images, per-size window queues, counts."""
 
-    def __init__(self, method: Method, card: DatasetCard, settings: DatasetSettings,
-                 options: EngineOptions, device: torch.device):
+    def __init__(self, method: Method, info: DatasetInfo, classes: list[list[str]], settings: DatasetSettings,
+                 options: EngineOptions, device: torch.device, *, ignore_index: int = 255,
+                 on_image: ImageHook | None = None):
         if options.on_error not in ON_ERROR:
             raise ConfigError(f"--on-error '{options.on_error}' is not one of {ON_ERROR}")
         self.method, self.settings, self.options, self.device = method, settings, options, device
-        self.info = DatasetInfo(card.name, card.class_names(), card.background_class)
-        self.counts = IoUCounts(card.num_classes, ignore_index=card.ignore_index, device=device)
+        self.info, self.on_image = info, on_image
+        self.counts = IoUCounts(info.num_classes, ignore_index=ignore_index, device=device)
         self.vocab: Vocabulary | None = None
         if isinstance(method, WindowMethod):
-            self.vocab = method.encode_classes(card.class_synonyms(settings.classnames), self.info)
+            self.vocab = method.encode_classes(classes, self.info)
         self.autocast = autocast_context(device, options.precision)
         self.inflight: deque[_InFlight] = deque()
         self.queues: dict[tuple[int, int], deque[tuple[_InFlight, Window]]] = {}
@@ -195,5 +228,7 @@ class _Loop:
 
     def _score(self, sample: Sample, labels: torch.Tensor) -> None:
         self.counts.update(labels, sample.gt.to(self.device).long())
+        if self.on_image is not None:
+            self.on_image(sample.index, sample.image_id, labels, sample.gt)
         self.image_ids.append(sample.image_id)
         self._finished += 1
