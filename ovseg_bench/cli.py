@@ -68,10 +68,14 @@ def _add_results_commands(sub: Any) -> None:
 
 
 def _add_predict(sub: Any) -> None:
-    predict = sub.add_parser("predict", help="segment one image with a free vocabulary and write a colour overlay")
+    predict = sub.add_parser("predict", help="segment one image with a free vocabulary and write a colour overlay",
+                             epilog='example:\n  ovseg-bench predict --method sclip --image photo.jpg --classes "cat|kitten,sofa,floor"',
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_argument("--method", required=True)
     predict.add_argument("--image", type=Path, required=True)
-    predict.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,sofa,floor"')
+    predict.add_argument("--classes", required=True,
+                         help='comma-separated class names, | between synonyms, e.g. "cat|kitten,sofa,floor"; '
+                              'a first class named background gets the method\'s background rule')
     predict.add_argument("--out", type=Path, default=Path("overlay.png"))
     predict.add_argument("--protocol", default="tcl", help="resize and window settings (default: tcl)")
     predict.add_argument("--model", default=None)
