@@ -26,11 +26,12 @@ def _shipped(folder: str, suffixes: tuple[str, ...]) -> set[str]:
 
 def test_wheel_contains_every_card_and_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    cards = {f"ovseg_bench/cards/{p}" for p in _shipped("datasets", (".yaml", ".txt", ".png", ".jpg"))}
+    cards = {f"ovseg_bench/cards/{p}" for p in _shipped("datasets", (".yaml", ".txt", ".png", ".jpg", ".json"))}
     configs = {f"ovseg_bench/configs/{p}" for p in _shipped("configs", (".yaml", ".txt"))}
     assert cards and configs
     assert cards <= names, sorted(cards - names)[:5]
     assert configs <= names, sorted(configs - names)[:5]
+    assert "ovseg_bench/reported/reported.yaml" in names
 
 
 def test_installed_package_finds_cards_configs_and_demo(wheel, tmp_path):
@@ -51,6 +52,8 @@ def test_installed_package_finds_cards_configs_and_demo(wheel, tmp_path):
         "[load_method_config(m) for m in ('clip', 'maskclip', 'sclip', 'clearclip', 'naclip')]\n"
         "[load_templates(t) for t in ('tcl9', 'imagenet80', 'maskclip85')]\n"
         "assert len(list_samples(load_card('demo'), '/nonexistent')) == load_card('demo').num_images\n"
+        "from ovseg_bench.leaderboard import load_reported, default_reported_path\n"
+        "assert str(default_reported_path()).startswith(ovseg_bench.__path__[0]); load_reported()\n"
         "print(len(card_names()))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,

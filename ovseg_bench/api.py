@@ -1,0 +1,164 @@
+"""Python API over result files: ``load_results(path)`` -> one pandas row per run.
+
+Everything that reads many result files (the leaderboard, users' notebooks) goes through
+:func:`scan_results` and :func:`results_frame`, so a column means the same thing everywhere.
+Rows come in the order of the files' paths (relative to the folder, POSIX form), never in the
+order the file system lists them.
+
+``import ovseg_bench`` stays light: ``ovseg_bench.load_results`` imports this module (and
+pandas) on first use.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+import pandas as pd
+
+from .errors import DataError
+from .results import SCHEMA, read_result
+
+# Identity, then numbers, then circumstances; ``setting.<key>`` columns follow, sorted.
+COLUMNS = (
+    "method", "architecture", "weights", "random", "dataset", "track", "protocol", "fingerprint",
+    "precision", "limit", "mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width",
+    "images_seen", "images_expected", "seconds", "images_per_s", "path",
+)
+SETTING_PREFIX = "setting."
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """All result files under ``path`` (searched recursively; a single result file also works).
+
+    One row per file, columns :data:`COLUMNS` plus the method's settings flattened as
+    ``setting.<key>`` (nested mappings as ``setting.<key>.<subkey>``, lists as tuples).
+    Metrics are percentages as in the files; ``mIoU_ci_*`` are NaN for results without a
+    confidence interval, ``limit`` is <NA> for full-split runs. ``weights`` is the weights'
+    short identity (open_clip tag or file name, plus a method checkpoint's file name and sha256
+    prefix), ``path`` the file's path as found under ``path``.
+
+    Raises :class:`~ovseg_bench.errors.DataError` naming the file when a result file cannot be
+    read or has an unknown schema, and when ``path`` does not exist. An existing folder without
+    result files gives an empty frame with the columns above.
+    """
+    return results_frame(scan_results(path))
+
+
+def scan_results(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(file path, result) for every result file under ``path``, ordered by relative POSIX path.
+
+    Hidden files and folders (names starting with ".", e.g. the temporary files of atomic
+    writes) are skipped, and so are other ovseg-bench documents that may sit beside results
+    (a JSON whose ``schema`` is ``ovseg-bench/<kind>/...`` with another kind). Any other JSON is
+    read with :func:`~ovseg_bench.results.read_result`, which refuses unknown schemas.
+    """
+    root = Path(path)
+    if root.is_file():
+        return [(root, read_result(root))]
+    if not root.is_dir():
+        raise DataError(f"{root}: no such file or folder; pass the folder `ovseg-bench run --output` wrote")
+    files = sorted((p for p in root.rglob("*.json") if p.is_file()),
+                   key=lambda p: p.relative_to(root).as_posix())
+    found = []
+    for file in files:
+        if any(part.startswith(".") for part in file.relative_to(root).parts) or _other_document(file):
+            continue
+        found.append((file, read_result(file)))
+    return found
+
+
+def _other_document(path: Path) -> bool:
+    """Whether ``path`` is an ovseg-bench JSON of another kind than a result (a baseline, a state)."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8")).get("schema")
+    except (OSError, ValueError, AttributeError):
+        return False  # read_result will name the problem
+    return (isinstance(schema, str) and schema.startswith("ovseg-bench/")
+            and schema.split("/")[1] != SCHEMA.split("/")[1])
+
+
+def results_frame(found: list[tuple[Path, dict[str, Any]]]) -> pd.DataFrame:
+    """The frame of :func:`load_results` for already-read results (same order)."""
+    rows = [result_row(result, path) for path, result in found]
+    settings = sorted({key for row in rows for key in row if key.startswith(SETTING_PREFIX)})
+    frame = pd.DataFrame(rows, columns=[*COLUMNS, *settings])
+    for column in ("limit", "images_seen", "images_expected"):
+        frame[column] = frame[column].astype("Int64")
+    for column in ("mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width", "seconds",
+                   "images_per_s"):
+        frame[column] = frame[column].astype("float64")
+    frame["random"] = frame["random"].astype(bool)
+    return frame
+
+
+def result_row(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """One result as a flat row (see :func:`load_results` for the columns)."""
+    method, weights, protocol = result["method"], result["method"].get("weights", {}), result["protocol"]
+    metrics, images, timing = result["metrics"], result.get("images", {}), result.get("timing", {})
+    low, high, half = ci95(metrics)
+    row = {
+        "method": method["name"], "architecture": weights.get("architecture", "–"),
+        "weights": weights_label(weights), "random": bool(weights.get("random", False)),
+        "dataset": result["dataset"]["name"], "track": result["dataset"].get("track", "semantic"),
+        "protocol": protocol["preset"], "fingerprint": protocol["fingerprint"],
+        "precision": protocol.get("precision"), "limit": protocol.get("limit"),
+        "mIoU": metrics["mIoU"], "aAcc": metrics.get("aAcc"), "mAcc": metrics.get("mAcc"),
+        "mIoU_ci_low": low, "mIoU_ci_high": high, "mIoU_ci_half_width": half,
+        "images_seen": images.get("seen"), "images_expected": images.get("expected"),
+        "seconds": timing.get("seconds"), "images_per_s": timing.get("images_per_s"), "path": str(path),
+    }
+    row.update(_flatten(method.get("config", {}), SETTING_PREFIX))
+    return row
+
+
+def ci95(metrics: dict[str, Any]) -> tuple[float, float, float]:
+    """(low, high, half width) of the mIoU's 95% interval; NaN each when the result has none."""
+    ci = metrics.get("ci95")
+    if not isinstance(ci, dict) or not ci.get("mIoU"):
+        return math.nan, math.nan, math.nan
+    low, high = ci["mIoU"]
+    half = ci.get("half_width")
+    return float(low), float(high), float(half) if half is not None else (float(high) - float(low)) / 2
+
+
+def weights_label(weights: dict[str, Any]) -> str:
+    """Short, machine-independent name of the weights: ``openai``, ``model.pt + tcl.pth (1a2b3c4d)``.
+
+    Files and URLs are named by their last path component only, so the same weights read the
+    same on every machine; a method checkpoint adds its sha256 prefix when recorded.
+    """
+    parts = []
+    if weights.get("pretrained") is not None:
+        parts.append(_short(str(weights["pretrained"])))
+    if weights.get("checkpoint"):
+        digest = weights.get("checkpoint_sha256")
+        parts.append(_short(str(weights["checkpoint"])) + (f" ({digest[:8]})" if digest else ""))
+    if weights.get("predictions"):
+        parts.append(_short(str(weights["predictions"])))
+    return " + ".join(parts) or "–"
+
+
+def _short(value: str) -> str:
+    if "://" in value:
+        return PurePosixPath(urlparse(value).path).name or value
+    if "/" in value or "\\" in value:
+        return PurePosixPath(value.replace("\\", "/")).name or value
+    return value
+
+
+def _flatten(mapping: dict[str, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = _freeze(value)
+    return flat
+
+
+def _freeze(value: Any) -> Any:
+    """Lists -> tuples (recursively), so setting columns can be grouped and pivoted on."""
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
