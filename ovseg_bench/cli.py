@@ -106,7 +106,8 @@ def _add_run(sub: Any) -> None:
                      help="DataLoader workers for decode and resize (default: up to 4 on CUDA, 0 on CPU)")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto picks CUDA when present)")
     run.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (autocast; part of the fingerprint)")
-    run.add_argument("--limit", type=int, default=None, help="first N images only (quick checks; recorded)")
+    run.add_argument("--limit", type=int, default=None,
+                     help="first N images in listing order (quick CI mode; N and the rule are in the fingerprint)")
     run.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="skip unreadable images")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--resume", action="store_true",
@@ -171,7 +172,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{result['dataset']['name']}: mIoU {result['metrics']['mIoU']:.2f} -> {path}", file=sys.stderr)
 
     results = run_plan(request, on_result=report)
-    print(summary_table(results))
+    if results:  # under torchrun only rank 0 gets them; the other ranks stay quiet
+        print(summary_table(results))
     return 0
 
 

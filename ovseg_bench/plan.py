@@ -2,22 +2,40 @@
 
 The CLI builds a frozen :class:`RunRequest` and calls :func:`run_plan`; Python users can do the
 same. Each (method, dataset) evaluation writes its result file as soon as it finishes.
+
+Resume: while a dataset runs, its state is saved after every block of ``save_every`` images to
+``<output>/<result stem>.partial.pt`` (``.partial.rank<R>-of-<W>.pt`` per torchrun rank), the
+same key as the result file, with the run's identity (weights, method config, listing size,
+block size, world size). ``resume=True`` returns finished results of the same run as they are,
+continues a saved state after checking it belongs to this very run, and refuses when it does
+not; without it a saved state is ignored and replaced. The state goes once the result is written.
+
+Under torchrun (engine/distributed.py) each rank evaluates its shard, the counts are brought
+together, and only rank 0 writes and reports; the other ranks return an empty list.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from .datasets.cards import ALL_BENCHMARKS, DatasetCard, load_card
 from .datasets.listing import SampleRef, list_samples
-from .engine.protocol import PRECISIONS, fingerprint, load_protocol
-from .engine.runner import EngineOptions, Evaluation, autocast_context, evaluate, resolve_device
+from .engine import distributed
+from .engine.distributed import Ranks
+from .engine.protocol import PRECISIONS, ProtocolPreset, fingerprint, image_rule, load_protocol
+from .engine.runner import (EngineOptions, Evaluation, Work, autocast_context, evaluate, load_partial,
+                            resolve_device, resolve_save_every, save_partial)
 from .errors import ConfigError, DataError, TrackError
-from .methods.base import WeightsOptions
+from .methods.base import Method, WeightsOptions
 from .registry import get_method
-from .results import SCHEMA, environment, image_ids_digest, metrics_block, write_result
+from .results import SCHEMA, environment, image_ids_digest, metrics_block, read_result, result_stem, write_result
+
+ResultCallback = Callable[[dict[str, Any], Path], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +48,24 @@ class RunRequest:
     weights: WeightsOptions = WeightsOptions()
     method_config: Path | None = None
     device: str = "auto"
-    limit: int | None = None
+    limit: int | None = None         # first N images of each listing (recorded in the fingerprint)
     engine: EngineOptions = EngineOptions()
-    resume: bool = False
+    resume: bool = False             # skip finished datasets, continue saved states (module docstring)
     save_predictions: bool = False   # label PNGs under output/predictions/<method>/<dataset>/
     visualize: int = 0               # image | GT | prediction panels for the first N images
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every dataset of one plan shares."""
+
+    request: RunRequest
+    preset: ProtocolPreset
+    method: Method
+    engine: EngineOptions
+    device: torch.device
+    fingerprint: str
+    ranks: Ranks
 
 
 def default_data_root() -> Path:
@@ -50,8 +81,11 @@ def expand_datasets(names: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(expanded))
 
 
-def run_plan(request: RunRequest, on_result: Callable[[dict[str, Any], Path], None] | None = None) -> list[dict[str, Any]]:
-    """Evaluate ``request.method`` on each dataset; returns the result dicts in order."""
+def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> list[dict[str, Any]]:
+    """Evaluate ``request.method`` on each dataset; returns the result dicts in order.
+
+    Under torchrun only rank 0 returns them (and calls ``on_result``); other ranks return [].
+    """
     _validate(request)
     preset = load_protocol(request.protocol)
     cards = [load_card(name) for name in request.datasets]  # unknown names fail before any work
@@ -62,27 +96,142 @@ def run_plan(request: RunRequest, on_result: Callable[[dict[str, Any], Path], No
                              f"dataset '{card.name}' is a '{card.track}' benchmark")
     device = resolve_device(request.device)
     autocast_context(device, request.engine.precision)  # refuse fp16 on the CPU before loading weights
-    engine = request.engine.for_device(device)
     listed = [_listed_samples(card, request) for card in cards]  # a missing later dataset fails up front
-    method = method_cls(request.weights, device, request.method_config)
-    fp = fingerprint(preset, precision=request.engine.precision, limit=request.limit)
-    results = []
-    for card, samples in zip(cards, listed):
-        settings = preset.settings_for(card.name)
-        hook = None
-        if request.save_predictions or request.visualize:
-            from .pictures import make_image_hook
+    ranks, device = distributed.init(device)
+    try:
+        engine = request.engine.for_device(device)
+        engine = engine if ranks.main else dataclasses.replace(engine, quiet=True)
+        with distributed.main_first(ranks):  # one download into the shared cache
+            method = method_cls(request.weights, device, request.method_config)
+        fp = fingerprint(preset, precision=request.engine.precision, limit=request.limit)
+        job = _Job(request, preset, method, engine, device, fp, ranks)
+        results = []
+        for card, samples in zip(cards, listed):
+            result, path = _run_dataset(job, card, samples)
+            if ranks.main:
+                results.append(result)
+                if on_result:
+                    on_result(result, path)
+        return results
+    finally:
+        distributed.shutdown(ranks)
 
-            hook = make_image_hook(request.output, request.method, card, samples,
-                                   save_predictions=request.save_predictions, visualize=request.visualize)
-        evaluation = evaluate(method, card, samples, settings, engine, device, on_image=hook)
-        _require_scored(card.name, evaluation, len(samples))
-        result = _result(request, engine, method, card, settings, fp, evaluation, device, len(samples))
+
+def _run_dataset(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> tuple[dict[str, Any], Path]:
+    """Evaluate one dataset (or take its finished result under resume); rank 0 writes it."""
+    request, ranks = job.request, job.ranks
+    stem = result_stem(request.method, card.name, request.protocol, job.fingerprint)
+    if request.resume:
+        finished = ranks.broadcast(_finished_result(job, card, samples, stem) if ranks.main else None)
+        if finished is not None:
+            _remove_partials(job, stem)
+            return finished
+    evaluation = distributed.combine(_evaluate(job, card, samples, stem), ranks)
+    _require_scored(card.name, evaluation, len(samples))
+    result, path = {}, request.output / f"{stem}.json"
+    if ranks.main:
+        settings = job.preset.settings_for(card.name)
+        result = _result(job, card, settings, evaluation, len(samples))
         path = write_result(result, request.output, evaluation.counts.per_image.numpy(), evaluation.image_ids)
-        results.append(result)
-        if on_result:
-            on_result(result, path)
-    return results
+    ranks.barrier()  # the result is on disk before any rank drops its saved state
+    _remove_partials(job, stem)
+    return result, path
+
+
+def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str) -> Evaluation:
+    """This rank's shard of one dataset, continued from its saved state under resume."""
+    request = job.request
+    settings = job.preset.settings_for(card.name)
+    hook = None
+    if request.save_predictions or request.visualize:
+        from .pictures import make_image_hook
+
+        hook = make_image_hook(request.output, request.method, card, samples,
+                               save_predictions=request.save_predictions, visualize=request.visualize)
+    partial = partial_path(request.output, stem, job.ranks)
+    identity = _identity(job, card, samples)
+    start = None
+    if request.resume:
+        _refuse_other_world_sizes(request.output, stem, job.ranks)
+        if partial.is_file():
+            start = _saved_start(partial, identity, job.device)
+    else:
+        partial.unlink(missing_ok=True)  # without --resume a saved state is ignored and replaced
+    work = Work(indices=distributed.shard(len(samples), job.engine.save_every, job.ranks), start=start,
+                on_block=lambda state: save_partial(partial, state, identity), source=str(partial))
+    return evaluate(job.method, card, samples, settings, job.engine, job.device, hook, work)
+
+
+def partial_path(output: Path, stem: str, ranks: Ranks) -> Path:
+    """Where a dataset's state is saved: ``<stem>.partial.pt``, per rank under torchrun."""
+    suffix = f".rank{ranks.rank}-of-{ranks.world_size}" if ranks.active else ""
+    return Path(output) / f"{stem}.partial{suffix}.pt"
+
+
+def _identity(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> dict[str, Any]:
+    """What a saved state must share with the run that continues it (JSON values)."""
+    return _plain({"method": job.request.method, "weights": job.method.weights(),
+                   "config": job.method.settings(card.name), "dataset": card.name,
+                   "card_version": card.card_version, "preset": job.request.protocol,
+                   "fingerprint": job.fingerprint, "listed": len(samples),
+                   "save_every": job.engine.save_every, "batch_size": job.engine.batch_size,
+                   "device": job.device.type, "world_size": job.ranks.world_size, "rank": job.ranks.rank})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _saved_start(partial: Path, identity: dict[str, Any], device: torch.device) -> Evaluation:
+    saved, evaluation = load_partial(partial, device)
+    differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if differ:
+        raise DataError(f"{partial}: saved by a different run ({', '.join(differ)} differ); use the same "
+                        "settings to resume it, or run without --resume to start this dataset afresh")
+    return evaluation
+
+
+def _refuse_other_world_sizes(output: Path, stem: str, ranks: Ranks) -> None:
+    """A state saved with another number of processes covers other shards: refuse, do not guess."""
+    ours = {partial_path(output, stem, Ranks(rank, ranks.world_size)).name for rank in range(ranks.world_size)}
+    others = sorted(p.name for p in Path(output).glob(f"{stem}.partial*.pt") if p.name not in ours)
+    if others:
+        raise DataError(f"{output}: saved state(s) {others} come from a run with another number of processes "
+                        f"than this one ({ranks.world_size}); resume with the same torchrun process count, or "
+                        "run without --resume to start the dataset afresh")
+
+
+def _remove_partials(job: _Job, stem: str) -> None:
+    """Each rank drops its own state; rank 0 also any left by runs of another process count."""
+    partial_path(job.request.output, stem, job.ranks).unlink(missing_ok=True)
+    if job.ranks.main:
+        for stale in Path(job.request.output).glob(f"{stem}.partial*.pt"):
+            stale.unlink(missing_ok=True)
+
+
+def _finished_result(job: _Job, card: DatasetCard, samples: list[SampleRef],
+                     stem: str) -> tuple[dict[str, Any], Path] | None:
+    """The existing result of this very run (same key, weights, config, listing), if complete."""
+    path = job.request.output / f"{stem}.json"
+    if not path.is_file():
+        return None
+    result = read_result(path)
+    sidecar = result.get("per_image", {}).get("file")
+    if not sidecar or not (path.parent / sidecar).is_file():
+        return None  # no per-image counts: evaluate again
+    now = {"method weights": job.method.weights(), "method config": job.method.settings(card.name),
+           "fingerprint": job.fingerprint, "card version": card.card_version, "listed images": len(samples)}
+    saved = {"method weights": result.get("method", {}).get("weights"),
+             "method config": result.get("method", {}).get("config"),
+             "fingerprint": result.get("protocol", {}).get("fingerprint"),
+             "card version": result.get("dataset", {}).get("card_version"),
+             "listed images": result.get("images", {}).get("listed")}
+    differ = [key for key in now if _plain(now[key]) != saved[key]]
+    if differ:
+        raise DataError(f"{path}: a finished result of another run ({', '.join(differ)} differ); use another "
+                        "--output, or run without --resume to replace it")
+    return result, path
 
 
 def _listed_samples(card: DatasetCard, request: RunRequest) -> list[SampleRef]:
@@ -109,14 +258,15 @@ def _validate(request: RunRequest) -> None:
     batch, workers = request.engine.batch_size, request.engine.workers
     if (batch is not None and batch < 1) or (workers is not None and workers < 0):
         raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    resolve_save_every(request.engine.save_every)
     if request.limit is not None and request.limit < 1:
         raise ConfigError("--limit must be a positive number of images")
     if request.output.exists() and not request.output.is_dir():
         raise ConfigError(f"--output {request.output} exists and is not a folder; pass a folder for the result files")
 
 
-def _result(request: RunRequest, engine: EngineOptions, method: Any, card: Any, settings: Any, fp: str, evaluation: Any,
-            device: Any, num_listed: int) -> dict[str, Any]:
+def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation, num_listed: int) -> dict[str, Any]:
+    request, engine, method = job.request, job.engine, job.method
     counts = evaluation.counts
     totals = {key: value.tolist() for key, value in counts.totals.items()}
     seconds = evaluation.seconds
@@ -127,15 +277,17 @@ def _result(request: RunRequest, engine: EngineOptions, method: Any, card: Any, 
                     "card_version": card.card_version, "num_classes": card.num_classes,
                     "classes": list(card.class_names()), "classnames": settings.classnames,
                     "data_root": str(Path(request.data_root).resolve()) if not card.embedded else "(embedded)"},
-        "protocol": {"preset": request.protocol, "fingerprint": fp, "settings": dataclasses.asdict(settings),
-                     "precision": request.engine.precision, "limit": request.limit},
+        "protocol": {"preset": request.protocol, "fingerprint": job.fingerprint,
+                     "settings": dataclasses.asdict(settings), "precision": request.engine.precision,
+                     "limit": request.limit, "images": image_rule(request.limit)},
         "metrics": metrics_block(counts.compute(), card.class_names(), per_image=counts.per_image),
         "counts": totals,
         "images": {"seen": counts.num_images, "listed": num_listed, "expected": card.num_images,
                    "windows": evaluation.num_windows, "skipped": evaluation.skipped,
                    "ids_sha256": image_ids_digest(evaluation.image_ids)},
-        "env": environment(str(device)),
+        "env": environment(str(job.device)),
         "timing": {"seconds": round(seconds, 3),
                    "images_per_s": round(counts.num_images / seconds, 3) if seconds > 0 else None,
-                   "batch_size": engine.batch_size, "workers": engine.workers},
+                   "batch_size": engine.batch_size, "workers": engine.workers,
+                   "world_size": job.ranks.world_size, "save_every": engine.save_every},
     }

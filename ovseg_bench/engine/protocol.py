@@ -75,9 +75,26 @@ def protocol_names() -> list[str]:
     return sorted(p.stem for p in (configs_dir() / "protocols").glob("*.yaml"))
 
 
+# Which images a ``--limit N`` run evaluates. It is part of the fingerprint, so results of
+# different subsets never compare as equal; the result's ``images.ids_sha256`` names the ids.
+LIMIT_RULE = "first_n_in_listing_order"
+
+
+def image_rule(limit: int | None) -> str:
+    """The image subset in words, for result files: ``all`` or ``first N in listing order``."""
+    return "all" if limit is None else f"first {limit} in listing order"
+
+
 def fingerprint(preset: ProtocolPreset, *, precision: str, limit: int | None) -> str:
-    """sha256 of the preset definition, the precision and the image limit (reference §9.20)."""
-    payload = {"protocol": preset.definition(), "precision": precision, "limit": limit,
-               "metric": "mmseg-iou/int64"}
+    """sha256 of the preset definition, the precision and the image subset (reference §9.20).
+
+    Without a limit the payload is exactly the one of the first results (their fingerprints stay
+    valid); with ``limit=N`` it also holds the subset rule, the first N images of the listing
+    order (reference §9.9), so a change of rule can never pass for the same subset.
+    """
+    payload: dict[str, Any] = {"protocol": preset.definition(), "precision": precision, "limit": limit,
+                               "metric": "mmseg-iou/int64"}
+    if limit is not None:
+        payload["images"] = {"rule": LIMIT_RULE, "n": limit}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
