@@ -261,6 +261,8 @@ def _validate(request: RunRequest) -> None:
     resolve_save_every(request.engine.save_every)
     if request.limit is not None and request.limit < 1:
         raise ConfigError("--limit must be a positive number of images")
+    if request.visualize < 0:
+        raise ConfigError("--visualize must be a number of images >= 0")
     if request.output.exists() and not request.output.is_dir():
         raise ConfigError(f"--output {request.output} exists and is not a folder; pass a folder for the result files")
 

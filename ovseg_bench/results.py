@@ -37,11 +37,21 @@ def image_ids_digest(image_ids: list[str]) -> str:
 def metrics_block(summary: Any, class_names: tuple[str, ...], per_image: Any = None) -> dict[str, Any]:
     """Percent metrics, per class keyed by name; NaN (class never present nor predicted) -> null.
 
-    ``per_image`` (int64 [images, 4, classes]) is where the confidence interval will come from.
+    ``per_image`` (int64 [images, 4, classes], numpy or CPU tensor, in dataset order) adds
+    ``ci95``: the seeded 95% percentile bootstrap interval of mIoU over images
+    (:func:`ovseg_bench.stats.ci_block`), omitted with fewer than 2 images.
     """
     per_class = {name: {"iou": _finite(iou), "acc": _finite(acc)}
                  for name, iou, acc in zip(class_names, summary.iou, summary.acc)}
-    return {"mIoU": summary.miou, "aAcc": summary.aacc, "mAcc": summary.macc, "per_class": per_class}
+    block: dict[str, Any] = {"mIoU": summary.miou, "aAcc": summary.aacc, "mAcc": summary.macc}
+    if per_image is not None:
+        from .stats import ci_block  # stats reads result files, so it imports this module
+
+        ci = ci_block(np.asarray(per_image))
+        if ci is not None:
+            block["ci95"] = ci
+    block["per_class"] = per_class
+    return block
 
 
 def _finite(value: float) -> float | None:

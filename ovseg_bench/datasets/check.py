@@ -2,15 +2,29 @@
 
 The quick check looks at existence and counts only (no decoding), so it takes seconds on the
 real datasets. It never raises for missing data: everything it finds goes into
-``DatasetCheck.problems``. Deeper checks (GT value sets, image/GT sizes, EXIF orientation,
-reference/protocol.md §9.14) are meant to be added as further steps in ``_STEPS`` that take
-the listed samples and return problem strings.
+``DatasetCheck.problems``.
+
+``deep=True`` (``data check --deep``) also reads every listed pair once (reference/protocol.md
+§9.14): the image's size from its header with the EXIF Orientation applied (images whose
+Orientation is not 1 are counted and named), the GT's size, that the GT is a single-channel
+8-bit map whose values lie in 0..``raw_label_max`` (plus 255 only where the card's
+``gt_has_ignore``), and the GT's sha256 against a checksum manifest: one shipped as
+``datasets/manifests/gt/<card>.json`` if it exists (the reference conversion), else the
+``ovseg_gt_sha256.json`` that ``data prepare`` writes in the dataset's root folder.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import DataError
 from ..resources import cards_dir
@@ -18,6 +32,10 @@ from .cards import DatasetCard
 from .listing import SampleRef, layout_paths, list_samples, missing_gt, path_exists
 
 SHOW_FIRST = 5  # missing file names shown per problem; the count is always given
+
+GT_MANIFEST_NAME = "ovseg_gt_sha256.json"
+GT_MANIFEST_SCHEMA = "ovseg-bench/gt-sha256/1"
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,9 @@ class DatasetCheck:
     problems: list[str]        # missing pieces; empty when the layout is complete
     num_images: int            # images found on disk
     num_expected: int          # images the split should have (the card's num_images)
+    notes: tuple[str, ...] = ()         # facts that are not problems (EXIF rotations, checksum source)
+    exif_rotated: tuple[str, ...] = ()  # image ids whose EXIF Orientation is not 1 (deep check only)
+    deep: bool = False                  # whether the deep checks ran
 
     @property
     def count_matches(self) -> bool:
@@ -53,11 +74,13 @@ class DatasetCheck:
 Step = Callable[[DatasetCard, Path, list[SampleRef]], list[str]]
 
 
-def check_dataset(card: DatasetCard, data_root: Path, *, num_expected: int | None = None) -> DatasetCheck:
+def check_dataset(card: DatasetCard, data_root: Path, *, num_expected: int | None = None,
+                  deep: bool = False) -> DatasetCheck:
     """Check that ``card``'s split is on disk under ``data_root``: folders, split file, files.
 
     ``num_expected`` overrides the card's image count (e.g. for a known subset or a synthetic
     tree). Images are counted whenever they can be listed, even if other pieces are missing.
+    ``deep`` adds the per-file checks of the module docstring (it decodes every GT file).
     """
     data_root = Path(data_root)
     root = card.root_in(data_root)
@@ -72,8 +95,11 @@ def check_dataset(card: DatasetCard, data_root: Path, *, num_expected: int | Non
     if samples:
         for step in _STEPS:
             problems.extend(step(card, root, samples))
+    findings = _deep_check(card, root, samples) if deep and samples else DeepFindings()
+    problems.extend(findings.problems)
     expected = card.num_images if num_expected is None else num_expected
-    return DatasetCheck(card.name, root, root.is_dir(), problems, len(samples) - len(gone), expected)
+    return DatasetCheck(card.name, root, root.is_dir(), problems, len(samples) - len(gone), expected,
+                        notes=findings.notes, exif_rotated=findings.exif_rotated, deep=deep)
 
 
 def _layout_problems(card: DatasetCard, data_root: Path, root: Path) -> list[str]:
@@ -135,12 +161,205 @@ _STEPS: tuple[Step, ...] = (_missing_gt,)
 
 
 def format_checks(checks: Sequence[DatasetCheck]) -> str:
-    """A plain-text table: dataset | root | images found / expected | status | problems."""
+    """A plain-text table: dataset | root | images found / expected | status | problems [| notes].
+
+    The notes column appears only when a check has notes (deep checks always do).
+    """
     from tabulate import tabulate  # only the CLI prints tables
 
-    rows = [
-        [c.name, str(c.root), f"{c.num_images} / {c.num_expected}", c.status, "; ".join(c.problems) or "-"]
-        for c in checks
-    ]
-    headers = ["dataset", "root", "images found / expected", "status", "problems"]
+    with_notes = any(c.notes for c in checks)
+    rows = []
+    for c in checks:
+        row = [c.name, str(c.root), f"{c.num_images} / {c.num_expected}", c.status, "; ".join(c.problems) or "-"]
+        rows.append(row + ["; ".join(c.notes) or "-"] if with_notes else row)
+    headers = ["dataset", "root", "images found / expected", "status", "problems"] + (["notes"] if with_notes else [])
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+
+
+# --------------------------------------------------------------------------- deep check
+
+@dataclass(frozen=True)
+class DeepFindings:
+    problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    exif_rotated: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What one header/GT read found for one sample (None where the file was not read)."""
+
+    image_size: tuple[int, int] | None = None   # (width, height) after EXIF orientation
+    orientation: int = 1
+    gt_size: tuple[int, int] | None = None      # (width, height)
+    gt_mode: str | None = None                  # None when the GT is a 2-D uint8 map
+    bad_values: tuple[int, ...] = ()
+    sha256: str | None = None
+    error: str | None = None
+
+
+def _deep_check(card: DatasetCard, root: Path, samples: list[SampleRef]) -> DeepFindings:
+    """Size, value-set, EXIF and checksum checks over every listed sample with a GT file."""
+    present = [s for s in samples if s.gt_path.is_file() and s.image_path.is_file()]
+    allowed = np.zeros(256, dtype=bool)
+    allowed[: card.raw_label_max + 1] = True
+    if card.gt_has_ignore:
+        allowed[card.ignore_index] = True
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        facts = list(pool.map(lambda s: _inspect(s, allowed), present))
+    problems = _fact_problems(card, root, present, facts)
+    try:
+        manifest, source = load_gt_manifest(card, root)
+    except DataError as exc:
+        return DeepFindings(tuple(problems + [str(exc)]))
+    if manifest is None:
+        notes = [f"GT checksums not verified: no {GT_MANIFEST_NAME} (`ovseg-bench data prepare` writes it)"]
+    else:
+        problems += _checksum_problems(root, present, facts, manifest, source)
+        notes = [f"GT sha256 checked against {source}"]
+    rotated = [(s, f) for s, f in zip(present, facts) if f.orientation != 1]
+    if rotated:
+        named = ", ".join(f"{s.image_path.name} ({f.orientation})" for s, f in rotated[:SHOW_FIRST])
+        more = ", ..." if len(rotated) > SHOW_FIRST else ""
+        notes.insert(0, f"{len(rotated)} image(s) carry an EXIF Orientation other than 1 and are read "
+                        f"rotated, as the reference decoder does: {named}{more}")
+    return DeepFindings(tuple(problems), tuple(notes), tuple(s.image_id for s, _ in rotated))
+
+
+def _inspect(sample: SampleRef, allowed: np.ndarray) -> _Facts:
+    """Read the image header and the GT file once: sizes, orientation, mode, values, sha256."""
+    from PIL import Image
+
+    try:
+        with Image.open(sample.image_path) as img:
+            width, height = img.size
+            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (OSError, ValueError) as exc:
+        return _Facts(error=f"image {sample.image_path.name} unreadable ({exc})")
+    image_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    try:
+        data = sample.gt_path.read_bytes()
+        with Image.open(io.BytesIO(data)) as gt_img:
+            gt_size, mode = gt_img.size, gt_img.mode
+            gt = np.array(gt_img)  # §9.2: no conversion, palette indices for VOC
+    except (OSError, ValueError) as exc:
+        return _Facts(image_size, orientation, error=f"GT {sample.gt_path.name} unreadable ({exc})")
+    sha = hashlib.sha256(data).hexdigest()
+    if gt.dtype != np.uint8 or gt.ndim != 2:
+        return _Facts(image_size, orientation, gt_size, gt_mode=f"mode {mode}", sha256=sha)
+    present = np.flatnonzero(np.bincount(gt.ravel(), minlength=256))
+    bad = tuple(int(v) for v in present if not allowed[v])
+    return _Facts(image_size, orientation, gt_size, None, bad, sha)
+
+
+def _fact_problems(card: DatasetCard, root: Path, samples: list[SampleRef], facts: list[_Facts]) -> list[str]:
+    """Unreadable files, size mismatches, non-label GT files and out-of-range values, summarised."""
+    folder = root / card.ann_dir
+    total = len(samples)
+    groups: list[tuple[str, list[str]]] = [
+        ("unreadable files", [f.error for f in facts if f.error]),
+        ("GT files whose size differs from their image's (width x height, image after EXIF)",
+         [f"{s.gt_path.relative_to(folder).as_posix()} (GT {f.gt_size[0]}x{f.gt_size[1]}, image "
+          f"{f.image_size[0]}x{f.image_size[1]})"
+          for s, f in zip(samples, facts) if not f.error and f.gt_size != f.image_size]),
+        ("GT files that are not single-channel 8-bit label maps",
+         [f"{s.gt_path.relative_to(folder).as_posix()} ({f.gt_mode})" for s, f in zip(samples, facts) if f.gt_mode]),
+        (f"GT files with values outside {_allowed_text(card)}",
+         [f"{s.gt_path.relative_to(folder).as_posix()} (values {', '.join(map(str, f.bad_values[:8]))})"
+          for s, f in zip(samples, facts) if f.bad_values]),
+    ]
+    problems = []
+    for what, items in groups:
+        if items:
+            more = ", ..." if len(items) > SHOW_FIRST else ""
+            problems.append(f"{len(items)} of {total} {what}: {', '.join(items[:SHOW_FIRST])}{more}")
+    return problems
+
+
+def _allowed_text(card: DatasetCard) -> str:
+    return f"0..{card.raw_label_max}" + (f" and {card.ignore_index}" if card.gt_has_ignore else " (no 255)")
+
+
+def _checksum_problems(root: Path, samples: list[SampleRef], facts: list[_Facts],
+                       manifest: dict[str, str], source: Path) -> list[str]:
+    """GT files whose sha256 differs from the manifest's, and listed GT files it does not name."""
+    differ, absent = [], []
+    for sample, fact in zip(samples, facts):
+        key = sample.gt_path.relative_to(root).as_posix()
+        if key not in manifest:
+            absent.append(key)
+        elif fact.sha256 is not None and fact.sha256 != manifest[key]:
+            differ.append(key)
+    problems = []
+    for items, what in ((differ, f"GT files differ from the checksums in {source}"),
+                        (absent, f"GT files are not in the checksum manifest {source}")):
+        if items:
+            more = ", ..." if len(items) > SHOW_FIRST else ""
+            problems.append(f"{len(items)} of {len(samples)} {what}: {', '.join(items[:SHOW_FIRST])}{more}")
+    if differ:
+        problems.append("rerun `ovseg-bench data prepare` to rewrite the converted files")
+    return problems
+
+
+# --------------------------------------------------------------------------- GT checksum manifests
+
+def shipped_gt_manifest(card: DatasetCard) -> Path:
+    """Where a reference manifest of ``card``'s converted GT files would be shipped."""
+    return cards_dir() / "manifests" / "gt" / f"{card.name}.json"
+
+
+def local_gt_manifest(root: Path) -> Path:
+    """The manifest ``data prepare`` writes in a dataset's root folder (one per root, all its cards)."""
+    return Path(root) / GT_MANIFEST_NAME
+
+
+def load_gt_manifest(card: DatasetCard, root: Path) -> tuple[dict[str, str] | None, Path]:
+    """(GT path relative to the dataset root -> sha256, its file) for ``card``; shipped first.
+
+    Returns (None, path looked at last) when neither file has an entry for the card.
+    """
+    for path in (shipped_gt_manifest(card), local_gt_manifest(root)):
+        entries = read_gt_manifest(path).get(card.name) if path.is_file() else None
+        if entries is not None:
+            return entries, path
+    return None, local_gt_manifest(root)
+
+
+def read_gt_manifest(path: Path) -> dict[str, dict[str, str]]:
+    """card name -> {relative GT path: sha256}. Raises DataError naming a malformed file.
+
+    Format: ``{"schema": "ovseg-bench/gt-sha256/1", "cards": {"<card>": {"split": "val",
+    "files": {"<path relative to the dataset root>": "<sha256 hex>"}}}}``.
+    """
+    return {name: dict(entry["files"]) for name, entry in _read_manifest_cards(path).items()}
+
+
+def _read_manifest_cards(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("schema") != GT_MANIFEST_SCHEMA:
+            raise ValueError(f"schema {data.get('schema')!r}")
+        cards = data["cards"]
+        if not all(isinstance(e, dict) and isinstance(e["files"], dict) for e in cards.values()):
+            raise ValueError("each card needs a 'files' mapping")
+        return cards
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: not a GT checksum manifest of schema '{GT_MANIFEST_SCHEMA}' ({exc}); "
+                        "delete it and rerun `ovseg-bench data prepare`") from None
+
+
+def write_gt_manifest(root: Path, card: DatasetCard, files: dict[str, str]) -> Path:
+    """Set ``card``'s entries in the dataset root's manifest (other cards kept); atomic write."""
+    path = local_gt_manifest(root)
+    cards = _read_manifest_cards(path) if path.is_file() else {}
+    cards[card.name] = {"split": card.split, "files": dict(sorted(files.items()))}
+    payload = {"schema": GT_MANIFEST_SCHEMA, "cards": dict(sorted(cards.items()))}
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
