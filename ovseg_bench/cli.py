@@ -38,7 +38,9 @@ def _add_data(sub: Any) -> None:
     check = data_sub.add_parser("check", help="report what is found and missing per dataset")
     check.add_argument("names", nargs="*", help="dataset names (default: the eight benchmarks)")
     check.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
-    check.add_argument("--deep", action="store_true", help="also verify checksums against the shipped manifest")
+    check.add_argument("--deep", action="store_true",
+                       help="also read every file: GT vs image size (EXIF applied), label values per card, "
+                            "EXIF-rotated images, GT sha256 against the ovseg_gt_sha256.json that data prepare writes")
     prepare = data_sub.add_parser("prepare", help="download, extract and convert a benchmark into the MMSegmentation layout")
     prepare.add_argument("names", nargs="+", help="voc | context | coco_stuff | coco_object | cityscapes | ade20k | all")
     prepare.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
@@ -221,7 +223,7 @@ def _data_check(args: argparse.Namespace) -> int:
     from .plan import default_data_root
 
     root = args.data_root or default_data_root()
-    checks = [check_dataset(load_card(name), root) for name in (args.names or ALL_BENCHMARKS)]
+    checks = [check_dataset(load_card(name), root, deep=args.deep) for name in (args.names or ALL_BENCHMARKS)]
     print(format_checks(checks))
     return 0 if all(c.ok for c in checks) else 1
 
