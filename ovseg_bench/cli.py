@@ -180,20 +180,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """Datasets x (mIoU, aAcc, mAcc, images) plus the Avg row; random weights flagged."""
+    """Datasets x (mIoU ± CI half-width, aAcc, mAcc, images) plus the Avg row; random weights flagged."""
     from tabulate import tabulate
 
-    rows = [[r["dataset"]["name"], r["metrics"]["mIoU"], r["metrics"]["aAcc"], r["metrics"]["mAcc"],
+    rows = [[r["dataset"]["name"], _miou_cell(r["metrics"]), r["metrics"]["aAcc"], r["metrics"]["mAcc"],
              f"{r['images']['seen']}/{r['images']['expected']}"] for r in results]
     if len(results) > 1:
-        rows.append(["Avg", round(sum(r["metrics"]["mIoU"] for r in results) / len(results), 2), "", "", ""])
+        rows.append(["Avg", f"{round(sum(r['metrics']['mIoU'] for r in results) / len(results), 2):.2f}", "", "", ""])
     first = results[0]
-    weights = first["method"]["weights"]
     title = (f"{first['method']['name']} | protocol {first['protocol']['preset']} "
-             f"({first['protocol']['fingerprint'][:8]}) | {first['protocol']['precision']}")
-    if weights.get("random"):
+             f"({first['protocol']['fingerprint'][:8]}) | {first['protocol']['precision']} | "
+             "mIoU ± half-width of its 95% bootstrap interval over images")
+    if first["method"]["weights"].get("random"):
         title += "\nRANDOM WEIGHTS (--pretrained none): numbers test the pipeline only and mean nothing"
-    return title + "\n" + tabulate(rows, headers=["dataset", "mIoU", "aAcc", "mAcc", "images"], floatfmt=".2f")
+    table = tabulate(rows, headers=["dataset", "mIoU", "aAcc", "mAcc", "images"], floatfmt=".2f",
+                     colalign=("left", "right"))
+    return title + "\n" + table
+
+
+def _miou_cell(metrics: dict[str, Any]) -> str:
+    ci = metrics.get("ci95")
+    return f"{metrics['mIoU']:.2f}" + (f" ± {ci['half_width']:.2f}" if ci else "")
 
 
 def _list(what: str) -> int:

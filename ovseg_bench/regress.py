@@ -1,0 +1,281 @@
+"""``ovseg-bench regress``: a CI gate of result files against a baseline file (issue 3 item 3, issue 6).
+
+The baseline (schema ``ovseg-bench/baseline/v1``) holds one entry per (method, dataset,
+protocol preset), keyed ``method/dataset/preset``: the protocol fingerprint, the class list,
+the image set (count and ``ids_sha256``), mIoU/aAcc/mAcc and the full int64 counts
+(intersect, union, pred, label per class). ``--update`` writes it from a results folder,
+atomically, with sorted keys, so the same results give the same bytes and its diff can be
+reviewed like code.
+
+Two modes, chosen by ``--tolerance``:
+
+* ``--tolerance T`` with T > 0 (default 0.3): a result fails when its mIoU is more than T points
+  below the baseline's. Any other change passes (and is shown in the table).
+* ``--tolerance 0``: exact-counts mode. A result fails when any of its integer counts (or the
+  mIoU/aAcc/mAcc computed from them) differs from the baseline in either direction; a table per
+  failing entry names the classes whose counts moved. This gates arithmetic, not quality.
+
+In both modes an entry is not comparable (exit 2) when its fingerprint, class list or image
+set differs from the baseline's; a baseline entry with no result fails (exit 1); a result with
+no baseline entry is listed as ``new`` and passes. Exit code: 2 if anything is not comparable,
+else 1 if anything failed, else 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DataError
+from .results import SCHEMA, read_result
+
+BASELINE_SCHEMA = "ovseg-bench/baseline/v1"
+COUNT_NAMES = ("intersect", "union", "pred", "label")
+METRIC_NAMES = ("mIoU", "aAcc", "mAcc")
+ENTRY_FIELDS = ("method", "dataset", "protocol", "fingerprint", "limit", "classes", "images", "counts", *METRIC_NAMES)
+MAX_MOVED_ROWS = 40  # classes listed per changed entry in exact mode
+
+
+# ----------------------------------------------------------------------------- reading results
+
+def find_results(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, result) for every result file under ``folder`` (recursive), sorted by relative path.
+
+    Same rule as ``ovseg_bench.api.scan_results``: hidden files and folders (temporary files of
+    atomic writes) and ovseg-bench documents of another kind (a baseline, a resume state) are
+    skipped; any other JSON goes through :func:`read_result`, which refuses unknown schemas.
+    Kept free of pandas so the CI gate starts fast.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--results {folder} is not a folder; pass the folder the runs wrote (e.g. runs/ci)")
+    found = []
+    for path in sorted(folder.rglob("*.json"), key=lambda p: p.relative_to(folder).as_posix()):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts) or _other_document(path):
+            continue
+        found.append((path, read_result(path)))
+    return found
+
+
+def _other_document(path: Path) -> bool:
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8")).get("schema")
+    except (OSError, ValueError, AttributeError):
+        return False  # read_result names the problem
+    return isinstance(schema, str) and schema.startswith("ovseg-bench/") and schema.split("/")[1] != SCHEMA.split("/")[1]
+
+
+def entry_key(method: str, dataset: str, preset: str) -> str:
+    return f"{method}/{dataset}/{preset}"
+
+
+def entry_from_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The baseline entry of one result: identity, image set, metrics and full counts."""
+    return {
+        "method": result["method"]["name"], "dataset": result["dataset"]["name"],
+        "protocol": result["protocol"]["preset"], "fingerprint": result["protocol"]["fingerprint"],
+        "limit": result["protocol"].get("limit"), "classes": list(result["dataset"]["classes"]),
+        "images": {"seen": result["images"]["seen"], "ids_sha256": result["images"]["ids_sha256"]},
+        **{name: result["metrics"][name] for name in METRIC_NAMES},
+        "counts": {name: [int(v) for v in result["counts"][name]] for name in COUNT_NAMES},
+    }
+
+
+def current_entries(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """key -> (result file, entry); two results with one key are refused."""
+    entries: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path, result in find_results(folder):
+        entry = entry_from_result(result)
+        key = entry_key(entry["method"], entry["dataset"], entry["protocol"])
+        if key in entries:
+            raise DataError(f"{key}: two results under {folder}: {entries[key][0]} and {path}; "
+                            "keep one result per (method, dataset, protocol) in the folder regress reads")
+        entries[key] = (path, entry)
+    if not entries:
+        raise DataError(f"no result files under {folder}; run `ovseg-bench run ... --output {folder}` first")
+    return entries
+
+
+# ----------------------------------------------------------------------------- baseline file
+
+def read_baseline(path: Path) -> dict[str, dict[str, Any]]:
+    """key -> entry, refusing an unknown schema or an entry with missing fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"baseline {path} not found; create it from a trusted run with "
+                        f"`ovseg-bench regress --results DIR --baseline {path} --update`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"baseline {path} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != BASELINE_SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else None
+        raise DataError(f"baseline {path}: schema {found!r} is not {BASELINE_SCHEMA!r}; regenerate it with --update")
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        raise DataError(f"baseline {path}: 'entries' must be a mapping of method/dataset/preset to entries")
+    for key, entry in entries.items():
+        missing = [f for f in ENTRY_FIELDS if not isinstance(entry, dict) or f not in entry]
+        if missing:
+            raise DataError(f"baseline {path}: entry '{key}' lacks {', '.join(missing)}; regenerate it with --update")
+    return entries
+
+
+def write_baseline(path: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Atomic write, sorted keys, two-space indent, trailing newline: same entries, same bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"schema": BASELINE_SCHEMA, "entries": entries}, indent=2, sort_keys=True, allow_nan=False)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One table row: baseline vs now for one key."""
+
+    key: str
+    baseline: dict[str, Any] | None
+    now: dict[str, Any] | None
+    source: Path | None
+    status: str           # ok | improved | same | new | REGRESSED | CHANGED | MISSING | NOT COMPARABLE
+    level: int            # 0 pass, 1 fail, 2 not comparable
+    detail: str = ""
+
+
+def _incomparable(base: dict[str, Any], now: dict[str, Any], source: Path) -> str:
+    """Why two entries cannot be compared, or '' when they can."""
+    if base["fingerprint"] != now["fingerprint"]:
+        return (f"protocol fingerprint {base['fingerprint'][:8]} in the baseline, {now['fingerprint'][:8]} in {source} "
+                f"(limit {base['limit']} vs {now['limit']}; preset settings or precision may differ)")
+    if base["classes"] != now["classes"]:
+        return f"class list differs ({len(base['classes'])} classes in the baseline, {len(now['classes'])} in {source})"
+    if base["images"] != now["images"]:
+        return (f"image set differs ({base['images']['seen']} images, ids {base['images']['ids_sha256'][:8]} in the "
+                f"baseline; {now['images']['seen']}, ids {now['images']['ids_sha256'][:8]} in {source})")
+    return ""
+
+
+def compare_entry(key: str, base: dict[str, Any] | None, *, found: tuple[Path, dict[str, Any]] | None,
+                  tolerance: float) -> Verdict:
+    """The verdict for one key; ``tolerance == 0`` is exact-counts mode."""
+    if found is None:
+        return Verdict(key, base, None, None, "MISSING", 1, "in the baseline but no result was found")
+    source, now = found
+    if base is None:
+        return Verdict(key, None, now, source, "new", 0)
+    why = _incomparable(base, now, source)
+    if why:
+        return Verdict(key, base, now, source, "NOT COMPARABLE", 2, why)
+    if tolerance == 0:
+        same = base["counts"] == now["counts"] and all(base[m] == now[m] for m in METRIC_NAMES)
+        return Verdict(key, base, now, source, "same" if same else "CHANGED", 0 if same else 1)
+    drop = round(base["mIoU"] - now["mIoU"], 2)
+    if drop > tolerance:
+        return Verdict(key, base, now, source, "REGRESSED", 1, f"mIoU dropped {drop:.2f} > tolerance {tolerance:g}")
+    return Verdict(key, base, now, source, "improved" if drop < 0 else "ok", 0)
+
+
+def moved_classes(base: dict[str, Any], now: dict[str, Any]) -> list[list[Any]]:
+    """Rows (class, per-count change, IoU before/after in percent) for classes whose counts moved."""
+    rows = []
+    for c, name in enumerate(base["classes"]):
+        deltas = [now["counts"][k][c] - base["counts"][k][c] for k in COUNT_NAMES]
+        if any(deltas):
+            rows.append([c, name, *(f"{d:+d}" if d else "" for d in deltas),
+                         _iou(base["counts"], c), _iou(now["counts"], c)])
+    return rows
+
+
+def _iou(counts: dict[str, list[int]], c: int) -> str:
+    union = counts["union"][c]
+    return f"{100 * counts['intersect'][c] / union:.2f}" if union else "-"
+
+
+# ----------------------------------------------------------------------------- output
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def verdict_table(verdicts: list[Verdict]) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for v in verdicts:
+        entry = v.now or v.baseline
+        before = v.baseline["mIoU"] if v.baseline else None
+        after = v.now["mIoU"] if v.now else None
+        delta = f"{after - before:+.2f}" if before is not None and after is not None else ""
+        rows.append([entry["method"], entry["dataset"], entry["protocol"], _fmt(before), _fmt(after), delta, v.status])
+    return tabulate(rows, headers=["method", "dataset", "protocol", "baseline mIoU", "now mIoU", "delta", "status"],
+                    disable_numparse=True)
+
+
+def _changes_report(v: Verdict) -> str:
+    from tabulate import tabulate
+
+    rows = moved_classes(v.baseline, v.now)
+    lines = [f"\n{v.key}: counts moved in {len(rows)} class(es) ({v.source})"]
+    metrics = [f"{m} {v.baseline[m]} -> {v.now[m]}" for m in METRIC_NAMES if v.baseline[m] != v.now[m]]
+    if metrics:
+        lines.append("  " + ", ".join(metrics))
+    if rows:
+        shown = rows[:MAX_MOVED_ROWS]
+        lines.append(tabulate(shown, headers=["#", "class", *COUNT_NAMES, "IoU before", "IoU now"],
+                              disable_numparse=True))
+        if len(rows) > len(shown):
+            lines.append(f"... and {len(rows) - len(shown)} more class(es)")
+    return "\n".join(lines)
+
+
+def _check_tolerance(tolerance: float) -> float:
+    if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+        raise ConfigError(f"--tolerance must be a finite number of mIoU points >= 0, got {tolerance!r} "
+                          "(0 = exact-counts mode)")
+    return float(tolerance)
+
+
+def regress(results: Path, baseline: Path, *, tolerance: float) -> tuple[int, str]:
+    """Compare a results folder with a baseline file: (exit code, report text)."""
+    tolerance = _check_tolerance(tolerance)
+    base = read_baseline(baseline)
+    now = current_entries(results)
+    verdicts = [compare_entry(key, base.get(key), found=now.get(key), tolerance=tolerance) for key in sorted(set(base) | set(now))]
+    mode = ("exact-counts mode (--tolerance 0): any change of the counts fails" if tolerance == 0
+            else f"tolerance {tolerance:g} mIoU points")
+    parts = [f"regress {results} against {baseline}: {mode}", verdict_table(verdicts)]
+    parts += [_changes_report(v) for v in verdicts if v.status == "CHANGED"]
+    notes = [f"{v.key}: {v.status}: {v.detail}" for v in verdicts if v.detail]
+    if notes:
+        parts.append("\n" + "\n".join(notes))
+    code = max((v.level for v in verdicts), default=0)
+    parts.append("\n" + {0: "PASSED", 1: "FAILED: see the rows above",
+                         2: "NOT COMPARABLE: results and baseline were made under different protocols, classes "
+                            "or images; rerun with the baseline's settings or regenerate it with --update"}[code])
+    return code, "\n".join(parts)
+
+
+def update(results: Path, baseline: Path) -> str:
+    """Rewrite ``baseline`` from every result under ``results``; returns the report text."""
+    entries = {key: entry for key, (_, entry) in current_entries(results).items()}
+    write_baseline(baseline, entries)
+    verdicts = [Verdict(k, None, e, None, "written", 0) for k, e in sorted(entries.items())]
+    return f"{verdict_table(verdicts)}\nwrote {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} to {baseline}"
+
+
+def regress_command(args: argparse.Namespace) -> int:
+    """``ovseg-bench regress``: exit 0 pass, 1 regression/change/missing, 2 not comparable or bad input."""
+    if args.update:
+        print(update(args.results, args.baseline))
+        return 0
+    code, report = regress(args.results, args.baseline, tolerance=args.tolerance)
+    print(report)
+    return code
