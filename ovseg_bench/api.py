@@ -10,7 +10,6 @@ pandas) on first use.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,8 +17,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from .errors import DataError
-from .results import SCHEMA, read_result
+from .results import scan_results
 
 # Identity, then numbers, then circumstances; ``setting.<key>`` columns follow, sorted.
 COLUMNS = (
@@ -45,39 +43,6 @@ def load_results(path: str | Path) -> pd.DataFrame:
     result files gives an empty frame with the columns above.
     """
     return results_frame(scan_results(path))
-
-
-def scan_results(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(file path, result) for every result file under ``path``, ordered by relative POSIX path.
-
-    Hidden files and folders (names starting with ".", e.g. the temporary files of atomic
-    writes) are skipped, and so are other ovseg-bench documents that may sit beside results
-    (a JSON whose ``schema`` is ``ovseg-bench/<kind>/...`` with another kind). Any other JSON is
-    read with :func:`~ovseg_bench.results.read_result`, which refuses unknown schemas.
-    """
-    root = Path(path)
-    if root.is_file():
-        return [(root, read_result(root))]
-    if not root.is_dir():
-        raise DataError(f"{root}: no such file or folder; pass the folder `ovseg-bench run --output` wrote")
-    files = sorted((p for p in root.rglob("*.json") if p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
-    found = []
-    for file in files:
-        if any(part.startswith(".") for part in file.relative_to(root).parts) or _other_document(file):
-            continue
-        found.append((file, read_result(file)))
-    return found
-
-
-def _other_document(path: Path) -> bool:
-    """Whether ``path`` is an ovseg-bench JSON of another kind than a result (a baseline, a state)."""
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8")).get("schema")
-    except (OSError, ValueError, AttributeError):
-        return False  # read_result will name the problem
-    return (isinstance(schema, str) and schema.startswith("ovseg-bench/")
-            and schema.split("/")[1] != SCHEMA.split("/")[1])
 
 
 def results_frame(found: list[tuple[Path, dict[str, Any]]]) -> pd.DataFrame:

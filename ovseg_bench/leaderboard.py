@@ -40,7 +40,7 @@ import pandas as pd
 from .api import results_frame, scan_results
 from .datasets.cards import ALL_BENCHMARKS
 from .errors import ConfigError, DataError
-from .results import _atomic_write
+from .results import atomic_write
 from .yamlconf import from_mapping, read_yaml
 
 REPORTED_SCHEMA = "ovseg-bench/reported/v1"
@@ -465,12 +465,12 @@ def write_leaderboard(board: Leaderboard, out: Path) -> list[Path]:
     """Write the markdown and ``details/`` beside it (atomically); remove pages no longer generated."""
     out.parent.mkdir(parents=True, exist_ok=True)
     written = [out]
-    _atomic_write(out, board.markdown.encode())
+    atomic_write(out, board.markdown.encode())
     details = out.parent / "details"
     if board.details:
         details.mkdir(exist_ok=True)
     for name, data in sorted(board.details.items()):
-        _atomic_write(details / name, data)
+        atomic_write(details / name, data)
         written.append(details / name)
     _prune(details, set(board.details))
     return written

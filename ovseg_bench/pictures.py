@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ConfigError, DataError
+from .atomic import atomic_path
 
 if TYPE_CHECKING:
     from .methods.base import WeightsOptions
@@ -205,10 +205,8 @@ def _check_image_id(image_id: str) -> None:
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG atomically (temp file in the same folder, then rename), creating parents."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def read_image(path: Path) -> np.ndarray:

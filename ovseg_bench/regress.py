@@ -26,12 +26,12 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .results import SCHEMA, read_result
+from .results import scan_results
+from .atomic import atomic_write
 
 BASELINE_SCHEMA = "ovseg-bench/baseline/v1"
 COUNT_NAMES = ("intersect", "union", "pred", "label")
@@ -43,30 +43,11 @@ MAX_MOVED_ROWS = 40  # classes listed per changed entry in exact mode
 # ----------------------------------------------------------------------------- reading results
 
 def find_results(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(path, result) for every result file under ``folder`` (recursive), sorted by relative path.
-
-    Same rule as ``ovseg_bench.api.scan_results``: hidden files and folders (temporary files of
-    atomic writes) and ovseg-bench documents of another kind (a baseline, a resume state) are
-    skipped; any other JSON goes through :func:`read_result`, which refuses unknown schemas.
-    Kept free of pandas so the CI gate starts fast.
-    """
+    """(path, result) for every result file under the folder ``folder`` (:func:`scan_results`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--results {folder} is not a folder; pass the folder the runs wrote (e.g. runs/ci)")
-    found = []
-    for path in sorted(folder.rglob("*.json"), key=lambda p: p.relative_to(folder).as_posix()):
-        if any(part.startswith(".") for part in path.relative_to(folder).parts) or _other_document(path):
-            continue
-        found.append((path, read_result(path)))
-    return found
-
-
-def _other_document(path: Path) -> bool:
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8")).get("schema")
-    except (OSError, ValueError, AttributeError):
-        return False  # read_result names the problem
-    return isinstance(schema, str) and schema.startswith("ovseg-bench/") and schema.split("/")[1] != SCHEMA.split("/")[1]
+    return scan_results(folder)
 
 
 def entry_key(method: str, dataset: str, preset: str) -> str:
@@ -127,12 +108,8 @@ def read_baseline(path: Path) -> dict[str, dict[str, Any]]:
 
 def write_baseline(path: Path, entries: dict[str, dict[str, Any]]) -> None:
     """Atomic write, sorted keys, two-space indent, trailing newline: same entries, same bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"schema": BASELINE_SCHEMA, "entries": entries}, indent=2, sort_keys=True, allow_nan=False)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(Path(path), text + "\n")
 
 
 # ----------------------------------------------------------------------------- comparison

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import DataError
 
 SCHEMA = "ovseg-bench/result/v1"
@@ -83,18 +83,12 @@ def write_result(result: dict[str, Any], out_dir: Path, per_image: np.ndarray, i
     buffer = io.BytesIO()
     np.savez_compressed(buffer, counts=per_image.astype(np.int64), image_ids=np.array(image_ids))
     sidecar = out_dir / f"{stem}.per_image.npz"
-    _atomic_write(sidecar, buffer.getvalue())
+    atomic_write(sidecar, buffer.getvalue())
     result["per_image"] = {"file": sidecar.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
                            "layout": "counts[image, (intersect, union, pred, label), class]"}
     path = out_dir / f"{stem}.json"
-    _atomic_write(path, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(path, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def read_result(path: Path) -> dict[str, Any]:
@@ -107,3 +101,36 @@ def read_result(path: Path) -> dict[str, Any]:
         found = result.get("schema") if isinstance(result, dict) else None
         raise DataError(f"{path}: schema {found!r} is not {SCHEMA!r}; this ovseg-bench cannot read it")
     return result
+
+
+def scan_results(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(file path, result) for every result file under ``path``, ordered by relative POSIX path.
+
+    Hidden files and folders (names starting with ".", e.g. the temporary files of atomic
+    writes) are skipped, and so are other ovseg-bench documents that may sit beside results
+    (a JSON whose ``schema`` is ``ovseg-bench/<kind>/...`` with another kind). Any other JSON is
+    read with :func:`~ovseg_bench.results.read_result`, which refuses unknown schemas.
+    """
+    root = Path(path)
+    if root.is_file():
+        return [(root, read_result(root))]
+    if not root.is_dir():
+        raise DataError(f"{root}: no such file or folder; pass the folder `ovseg-bench run --output` wrote")
+    files = sorted((p for p in root.rglob("*.json") if p.is_file()),
+                   key=lambda p: p.relative_to(root).as_posix())
+    found = []
+    for file in files:
+        if any(part.startswith(".") for part in file.relative_to(root).parts) or _other_document(file):
+            continue
+        found.append((file, read_result(file)))
+    return found
+
+
+def _other_document(path: Path) -> bool:
+    """Whether ``path`` is an ovseg-bench JSON of another kind than a result (a baseline, a state)."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8")).get("schema")
+    except (OSError, ValueError, AttributeError):
+        return False  # read_result will name the problem
+    return (isinstance(schema, str) and schema.startswith("ovseg-bench/")
+            and schema.split("/")[1] != SCHEMA.split("/")[1])

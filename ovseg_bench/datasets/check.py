@@ -30,6 +30,7 @@ from ..errors import DataError
 from ..resources import cards_dir
 from .cards import DatasetCard
 from .listing import SampleRef, layout_paths, list_samples, missing_gt, path_exists
+from ..atomic import atomic_write
 
 SHOW_FIRST = 5  # missing file names shown per problem; the count is always given
 
@@ -354,12 +355,8 @@ def write_gt_manifest(root: Path, card: DatasetCard, files: dict[str, str]) -> P
     cards = _read_manifest_cards(path) if path.is_file() else {}
     cards[card.name] = {"split": card.split, "files": dict(sorted(files.items()))}
     payload = {"schema": GT_MANIFEST_SCHEMA, "cards": dict(sorted(cards.items()))}
-    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
+    atomic_write(path, json.dumps(payload, indent=1) + "\n")
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+

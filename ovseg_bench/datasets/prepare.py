@@ -45,10 +45,11 @@ from ..errors import ConfigError, DataError, OvsegError
 from ..registry import unknown_name_message
 from . import converters
 from .cards import load_card
-from .check import DatasetCheck, atomic_write_text, check_dataset, format_checks, write_gt_manifest
+from .check import DatasetCheck, atomic_write, check_dataset, format_checks, write_gt_manifest
 from .download import (ArchiveSpec, download, extract, extraction_marker, find_archive, load_archive_manifest,
                        unmatched_archives, verify_file)
 from .listing import list_samples
+from ..atomic import atomic_path
 
 TARGETS = ("voc", "context", "coco_stuff", "coco_object", "cityscapes", "ade20k")
 _ALIASES = {"voc20": "voc", "context59": "context"}
@@ -347,10 +348,8 @@ def write_label(path: Path, label: np.ndarray) -> str:
                     return "kept"
         except (OSError, ValueError):
             pass  # unreadable: rewrite it
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8)).save(tmp, format="PNG")
     return "written"
 
 
@@ -358,7 +357,7 @@ def write_text_if_changed(path: Path, text: str) -> str:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return "kept"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
+    atomic_write(path, text)
     return "written"
 
 
@@ -607,7 +606,7 @@ def write_report(root: Path, target: str, section: dict[str, Any]) -> None:
     targets = read_report(root)
     targets[target] = section
     payload = {"schema": REPORT_SCHEMA, "targets": dict(sorted(targets.items()))}
-    atomic_write_text(Path(root) / REPORT_NAME, json.dumps(payload, indent=1) + "\n")
+    atomic_write(Path(root) / REPORT_NAME, json.dumps(payload, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- the plans

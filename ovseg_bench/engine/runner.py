@@ -39,6 +39,7 @@ from .metrics import IoUCounts
 from .protocol import DatasetSettings
 from .sliding import Canvas, Window, image_windows
 from .transforms import resize_image
+from ..atomic import atomic_path
 
 ON_ERROR = ("fail", "skip")
 SAVE_EVERY_ENV = "OVSEG_SAVE_EVERY"
@@ -135,10 +136,8 @@ def save_partial(path: Path, evaluation: Evaluation, identity: dict[str, Any]) -
     """
     state = {"format": PARTIAL_FORMAT, "identity": json.dumps(identity, sort_keys=True, default=str),
              **evaluation.state_dict()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_partial(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Any], Evaluation]:

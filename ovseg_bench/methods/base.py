@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -93,3 +93,25 @@ class LabelMethod(Method):
     @abc.abstractmethod
     def labels_for(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
         """[H,W] integer labels of image ``image_id``, which must have the GT ``shape``."""
+
+
+def register_config_variants(adapter: type, names: tuple[str, ...], load_config: Callable[..., Any]) -> None:
+    """Register each of ``names`` as ``adapter`` bound to ``configs/methods/<name>.yaml``.
+
+    Variants are registry names bound to config files (house style): ``--config`` replaces the
+    file for one run.
+    """
+    from ..registry import register_method
+
+    for name in names:
+        class_name = "".join(part.capitalize() for part in name.split("_")) + "Method"
+        body = {"__init__": _bound_init(adapter, name, load_config), "name": name,
+                "__doc__": f"``{name}``: {adapter.__name__} bound to configs/methods/{name}.yaml."}
+        register_method(name)(type(class_name, (adapter,), body))
+
+
+def _bound_init(adapter: type, name: str, load_config: Callable[..., Any]) -> Callable[..., None]:
+    def __init__(self: Any, weights: WeightsOptions, device: torch.device, config_path: Path | None = None) -> None:
+        adapter.__init__(self, load_config(name, config_path), weights, device)
+
+    return __init__

@@ -29,11 +29,10 @@ import torch.nn.functional as F
 
 from ..engine.transforms import NORMALISATIONS
 from ..errors import ConfigError
-from ..registry import register_method
 from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
-from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod
+from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod, register_config_variants
 from .clip_model import load_clip
 from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
 from .prompts import TextCache, encode_names, load_templates, text_cache_identity
@@ -193,17 +192,4 @@ def constant_plane_labels(scores: torch.Tensor, vocab: Vocabulary, bg_value: flo
     return torch.softmax(per_class, dim=0).argmax(dim=0)
 
 
-def _register(name: str) -> None:
-    @register_method(name)
-    class _Bound(ClipFamily):
-        __doc__ = f"``{name}``: the CLIP family adapter bound to configs/methods/{name}.yaml."
-
-        def __init__(self, weights: WeightsOptions, device: torch.device, config_path: Path | None = None):
-            super().__init__(load_method_config(name, config_path), weights, device)
-
-    _Bound.name = name
-    _Bound.__name__ = _Bound.__qualname__ = f"{name.capitalize()}Method"
-
-
-for _name in ("clip", "maskclip", "sclip", "clearclip", "naclip"):
-    _register(_name)
+register_config_variants(ClipFamily, ("clip", "maskclip", "sclip", "clearclip", "naclip"), load_method_config)

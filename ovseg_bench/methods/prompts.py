@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..resources import configs_dir
+from ..atomic import atomic_path
 
 AVERAGING = ("raw", "normalised")
 
@@ -79,8 +80,6 @@ class TextCache:
         if path.is_file():
             return torch.load(path, weights_only=True)
         embeddings = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(embeddings.cpu(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(embeddings.cpu(), tmp)
         return embeddings

@@ -50,15 +50,15 @@ from torch import Tensor, nn
 
 from ..engine.transforms import NORMALISATIONS
 from ..errors import ConfigError, WeightsError
-from ..registry import register_method
 from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
-from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod
+from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod, register_config_variants
 from .clip_family import synonym_max
 from .clip_model import load_clip
 from .pamr import PAMR, TCL_PAMR
 from .prompts import AVERAGING, TextCache, encode_names, load_templates, text_cache_identity
+from ..atomic import atomic_write
 
 TCL_CHECKPOINT_URL = "https://github.com/kakaobrain/tcl/releases/download/v1.0.0/tcl.pth"
 NORM_EPS = 1e-6  # TCL's us.normalize (F.normalize with eps 1e-6), §1.1
@@ -352,10 +352,8 @@ def fetch_checkpoint(url: str, cache_dir: Path | None = None) -> tuple[Path, str
 def _check_recorded_digest(path: Path, url: str, digest: str) -> None:
     record = path.with_name(path.name + ".sha256.json")
     if not record.is_file():
-        tmp = record.with_name(f".{record.name}.tmp{os.getpid()}")
         entry = {"url": url, "sha256": digest, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp.write_text(json.dumps(entry, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, record)
+        atomic_write(record, json.dumps(entry, indent=2) + "\n")
         return
     recorded = json.loads(record.read_text(encoding="utf-8")).get("sha256")
     if recorded != digest:
@@ -483,17 +481,4 @@ def _load_masker(masker: TclMasker, path: Path, *, block_index: int) -> None:
 
 
 # ----------------------------------------------------------------------------- variants
-def _register(name: str) -> None:
-    @register_method(name)
-    class _Bound(Tcl):
-        __doc__ = f"``{name}``: the TCL adapter bound to configs/methods/{name}.yaml."
-
-        def __init__(self, weights: WeightsOptions, device: torch.device, config_path: Path | None = None):
-            super().__init__(load_tcl_config(name, config_path), weights, device)
-
-    _Bound.name = name
-    _Bound.__name__ = _Bound.__qualname__ = "".join(part.capitalize() for part in name.split("_")) + "Method"
-
-
-for _name in ("tcl", "tcl_nopamr"):
-    _register(_name)
+register_config_variants(Tcl, ("tcl", "tcl_nopamr"), load_tcl_config)

@@ -49,7 +49,7 @@ def test_gt_size_mismatch_is_named(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((5, 7), dtype=np.uint8)).save(tmp_path / CONTEXT_GT / f"{ids[1]}.png")
     result = _deep("context", tmp_path)
     assert len(result.problems) == 1
-    assert f"1 of 3 GT files whose size differs" in result.problems[0]
+    assert "1 of 3 GT files whose size differs" in result.problems[0]
     assert f"{ids[1]}.png (GT 7x5, image 42x70)" in result.problems[0]
 
 
@@ -118,7 +118,7 @@ def test_exif_rotated_images_are_counted_named_and_sized_after_rotation(tmp_path
     result = _deep("context", tmp_path)
     assert result.problems == []
     assert result.exif_rotated == (ids[0], ids[1])
-    assert f"2 image(s) carry an EXIF Orientation other than 1" in result.notes[0]
+    assert "2 image(s) carry an EXIF Orientation other than 1" in result.notes[0]
     assert f"{ids[0]}.jpg (6)" in result.notes[0] and f"{ids[1]}.jpg (3)" in result.notes[0]
     # A GT drawn on the stored (unrotated) pixels no longer fits the image the reference decodes.
     Image.fromarray(np.zeros((48, 64), dtype=np.uint8)).save(tmp_path / CONTEXT_GT / f"{ids[0]}.png")

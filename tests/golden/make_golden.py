@@ -1,0 +1,263 @@
+"""Golden numbers (issue 6): deterministic inputs, every registered method run on them, and the
+baseline that ``ovseg-bench regress --tolerance 0`` gates them with.
+
+Nothing big is committed. From fixed seeds this writes, into a work folder:
+
+- ``weights/tiny_vit.pt``: an open_clip state dict of ``tests/assets/tiny_vit.json``. The keys and
+  shapes come from open_clip's model, the values from this script's own generator and fill rule,
+  so the golden depends neither on open_clip's init code nor on the ``--pretrained none`` path.
+- ``weights/tcl_tiny.pth``: a TCL checkpoint in the published key layout for that backbone.
+- ``data/``: a small synthetic voc and ade20k tree (``tests.synthetic.write_dataset``).
+- ``predictions/<dataset>/<image_id>.png``: label maps for ``--method predictions``.
+
+then runs every registered method through the in-process CLI (``--workers 0 --quiet --device
+cpu``, one torch thread) into ``results/``: each method on voc under the ``tcl`` protocol and on
+ade20k under the ``sclip`` protocol.
+
+Usage::
+
+    .venv/bin/python tests/golden/make_golden.py --update     # rewrite tests/golden/baseline.json
+    .venv/bin/python tests/golden/make_golden.py --check      # rerun and gate (what the test does)
+    .venv/bin/python tests/golden/make_golden.py --work DIR   # keep the inputs and results in DIR
+
+A method registered later runs with the tiny CLIP weights (``--model``/``--pretrained``) unless
+``EXTRA_ARGS`` below says otherwise; it must be added to the baseline with ``--update``
+(``tests/test_golden.py`` fails while any registered method has no entry).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script: make `tests` importable
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+GOLDEN_DIR = Path(__file__).resolve().parent
+BASELINE = GOLDEN_DIR / "baseline.json"
+TINY_MODEL = REPO / "tests" / "assets" / "tiny_vit.json"
+
+WEIGHTS_SEED, TCL_SEED, DATA_SEED, PREDICTIONS_SEED = 1601, 1602, 1603, 1604
+NUM_IMAGES = 2
+SIZES = ((48, 64), (70, 42))          # (h, w): a landscape and a portrait image
+# (dataset, protocol preset) every method is run on.
+COMBOS = (("voc", "tcl"), ("ade20k", "sclip"))
+NUM_CLASSES = {"voc": 21, "ade20k": 150}  # label values after reduce_zero_label (predictions)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_clip_state(seed: int = WEIGHTS_SEED) -> dict[str, torch.Tensor]:
+    """An open_clip state dict of the tiny config with values from our own seeded fill rule."""
+    from ovseg_bench.methods.clip_model import _register_model
+    import open_clip
+
+    from ovseg_bench.methods.clip_model import _quiet_root_logger
+
+    name = _register_model(str(TINY_MODEL))
+    with _quiet_root_logger():  # open_clip warns that no weights were loaded
+        net = open_clip.create_model(name, pretrained=None)
+    gen = _gen(seed)
+    state = {}
+    for key, ref in net.state_dict().items():  # insertion order is fixed by the module tree
+        if not ref.is_floating_point():
+            state[key] = ref.clone()
+            continue
+        noise = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        parts = key.split(".")
+        leaf, module = parts[-1], (parts[-2] if len(parts) > 1 else "")
+        if key == "logit_scale":
+            value = torch.full(ref.shape, math.log(1 / 0.07), dtype=torch.float64)
+        elif module.startswith("ln"):  # ln_pre, ln_post, ln_final, ln_1, ln_2
+            value = (1.0 + 0.1 * noise) if leaf == "weight" else 0.02 * noise
+        elif leaf == "bias" or ref.ndim <= 1:
+            value = 0.02 * noise
+        elif "positional_embedding" in key or "token_embedding" in key:
+            value = 0.02 * noise
+        else:  # weight matrices / conv kernels / projections: unit variance per output
+            fan_in = ref.shape[0] if key.endswith(("proj", "text_projection")) else math.prod(ref.shape[1:])
+            value = noise / math.sqrt(fan_in)
+        state[key] = value.to(ref.dtype)
+    return state
+
+
+def tcl_state(seed: int = TCL_SEED) -> dict[str, torch.Tensor]:
+    """Random values in TCL's published checkpoint layout for the tiny backbone (3 blocks, width 64)."""
+    from tests.methods.test_tcl import BLOCK, EMBED, WIDTH, published_shapes
+
+    gen = _gen(seed)
+    state = {}
+    for key, shape in published_shapes(WIDTH, EMBED, BLOCK).items():
+        noise = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if key.endswith(("norm.weight", "ln.weight", "ln_1.weight", "ln_2.weight")):
+            value = 1.0 + 0.2 * noise
+        elif key.endswith("gate.gate"):
+            value = 0.8 * noise            # non-zero gates: the decoder is not the identity
+        elif len(shape) >= 2:
+            value = noise / math.sqrt(math.prod(shape[1:]))
+        else:
+            value = 0.2 * noise
+        state[key] = value.float()
+    state["masker.sim2mask.w"], state["masker.sim2mask.b"] = torch.tensor(6.0), torch.tensor(-0.5)
+    state["tcli_loss.logit_scale"] = torch.tensor(4.6)
+    state["tclf_loss.logit_scale"] = torch.tensor(4.6)
+    return {"model": state}
+
+
+def prediction_map(rng: np.random.Generator, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """A label map that agrees with ``gt`` (already reduced) on some blocks and is random elsewhere,
+    with an out-of-range value and 255 among the random ones (what real predictions may hold)."""
+    h, w = gt.shape
+    values = np.concatenate([np.arange(num_classes), [num_classes, 255]])
+    gh, gw = rng.integers(2, 6, size=2)
+    rows, cols = (np.arange(h) * gh // h)[:, None], (np.arange(w) * gw // w)[None, :]
+    keep = (rng.random((gh, gw)) < 0.6)[rows, cols]
+    noise = rng.choice(values, size=(gh, gw)).astype(np.uint8)[rows, cols]
+    return np.where(keep & (gt != 255), gt, noise).astype(np.uint8)
+
+
+def reduced_gt(data_root: Path, dataset: str, image_id: str) -> np.ndarray:
+    """The GT of ``image_id`` as class indices (voc: as stored; ade20k: reduce_zero_label)."""
+    (path,) = [p for p in data_root.rglob(f"{image_id}.png")]
+    gt = np.array(Image.open(path))
+    if dataset == "ade20k":
+        gt = np.where((gt == 0) | (gt == 255), 255, gt.astype(np.int64) - 1).astype(np.uint8)
+    return gt
+
+
+def write_inputs(work: Path) -> dict[str, Path]:
+    """Write weights, TCL checkpoint, data tree and prediction PNGs under ``work``; their paths."""
+    from tests.synthetic import write_dataset
+
+    work = Path(work)
+    paths = {"weights": work / "weights" / "tiny_vit.pt", "checkpoint": work / "weights" / "tcl_tiny.pth",
+             "data": work / "data", "predictions": work / "predictions"}
+    paths["weights"].parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tiny_clip_state(), paths["weights"])
+    torch.save(tcl_state(), paths["checkpoint"])
+    for k, (dataset, _) in enumerate(COMBOS):
+        ids = write_dataset(dataset, paths["data"], num_images=NUM_IMAGES, seed=DATA_SEED + k, sizes=SIZES)
+        rng = np.random.default_rng(PREDICTIONS_SEED + k)
+        for image_id in ids:
+            out = paths["predictions"] / dataset / f"{image_id}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            gt = reduced_gt(paths["data"], dataset, image_id)
+            Image.fromarray(prediction_map(rng, gt, NUM_CLASSES[dataset])).save(out)
+    return paths
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative path (bit-identity checks of the inputs)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- runs
+
+def extra_args(method: str, paths: dict[str, Path], dataset: str) -> list[str]:
+    """Method-specific arguments; anything not listed runs on the tiny CLIP weights."""
+    tiny = ["--model", str(TINY_MODEL), "--pretrained", str(paths["weights"])]
+    if method in ("tcl", "tcl_nopamr"):
+        return tiny + ["--checkpoint", str(paths["checkpoint"])]
+    if method == "predictions":
+        return ["--predictions", str(paths["predictions"] / dataset)]
+    return tiny
+
+
+def call_cli(argv: Sequence[str]) -> tuple[int, str]:
+    """``ovseg_bench.cli.main(argv)`` in-process: (exit code, stdout + stderr)."""
+    from ovseg_bench.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return int(code or 0), buf.getvalue()
+
+
+@contextlib.contextmanager
+def golden_environment(work: Path):
+    """One torch thread and a private text cache (no hits from outside this run)."""
+    threads, cache = torch.get_num_threads(), os.environ.get("OVSEG_TEXT_CACHE")
+    torch.set_num_threads(1)
+    os.environ["OVSEG_TEXT_CACHE"] = str(Path(work) / "text_cache")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if cache is None:
+            os.environ.pop("OVSEG_TEXT_CACHE", None)
+        else:
+            os.environ["OVSEG_TEXT_CACHE"] = cache
+
+
+def run_all(work: Path, *, methods: Sequence[str] | None = None, log=None) -> Path:
+    """Write the inputs and run every (method, dataset, protocol); the results folder."""
+    from ovseg_bench.registry import method_names
+
+    work = Path(work)
+    results = work / "results"
+    with golden_environment(work):
+        paths = write_inputs(work)
+        for method in methods or method_names():
+            for dataset, protocol in COMBOS:
+                start = time.perf_counter()
+                argv = ["run", "--method", method, "--dataset", dataset, "--protocol", protocol,
+                        "--data-root", paths["data"], "--output", results / f"{method}_{dataset}_{protocol}",
+                        "--workers", "0", "--quiet", "--device", "cpu", *extra_args(method, paths, dataset)]
+                code, output = call_cli(argv)
+                if code != 0:
+                    raise RuntimeError(f"golden run failed (exit {code}): ovseg-bench "
+                                       f"{' '.join(map(str, argv))}\n{output}")
+                if log:
+                    log(f"{method:12s} {dataset:8s} {protocol:6s} {time.perf_counter() - start:6.1f} s")
+    return results
+
+
+def regress(results: Path, baseline: Path = BASELINE, *, update: bool = False) -> tuple[int, str]:
+    """``ovseg-bench regress --tolerance 0`` (or ``--update``): (exit code, its output)."""
+    argv = ["regress", "--results", results, "--baseline", baseline]
+    return call_cli(argv + (["--update"] if update else ["--tolerance", "0"]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--update", action="store_true", help=f"rewrite {BASELINE.relative_to(REPO)} from the runs")
+    mode.add_argument("--check", action="store_true", help="gate the runs with regress --tolerance 0 (default)")
+    parser.add_argument("--work", type=Path, help="keep inputs and results here (default: a temporary folder)")
+    parser.add_argument("--baseline", type=Path, default=BASELINE)
+    args = parser.parse_args(argv)
+
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ovseg_golden_")))
+        start = time.perf_counter()
+        results = run_all(work, log=print)
+        print(f"all runs: {time.perf_counter() - start:.1f} s")
+        code, report = regress(results, args.baseline, update=args.update)
+        print(report)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
