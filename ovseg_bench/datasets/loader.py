@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..engine.protocol import DatasetSettings
-from ..engine.transforms import decode_image, decode_label, reduce_zero_label, resize_image
+from ..engine.transforms import decode_image, decode_label, model_input, reduce_zero_label
 from .cards import DatasetCard
 from .listing import SampleRef
 
@@ -46,8 +46,7 @@ class SplitDataset(Dataset):
         gt, problem = self._read_gt(ref.gt_path, bgr.shape[:2])
         if problem:
             return Sample(index, ref.image_id, None, None, problem)
-        resized = resize_image(bgr, self.settings.short_side, self.settings.long_side)
-        rgb = torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1].transpose(2, 0, 1)))
+        rgb = model_input(bgr, self.settings.short_side, self.settings.long_side)
         return Sample(index, ref.image_id, rgb, torch.from_numpy(gt))
 
     def _read_gt(self, path: Path, image_shape: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:

@@ -38,7 +38,7 @@ from ..methods.base import DatasetInfo, LabelMethod, Method, Vocabulary, WindowM
 from .metrics import IoUCounts
 from .protocol import DatasetSettings
 from .sliding import Canvas, Window, image_windows
-from .transforms import resize_image
+from .transforms import model_input
 from ..atomic import atomic_path
 
 ON_ERROR = ("fail", "skip")
@@ -272,8 +272,7 @@ def segment_image(method: WindowMethod, bgr: np.ndarray, classes: list[list[str]
     found: list[torch.Tensor] = []
     loop = _Loop(method, info, classes, settings, options, device,
                  on_image=lambda index, image_id, labels, gt: found.append(labels))
-    resized = resize_image(bgr, settings.short_side, settings.long_side)
-    rgb = torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1].transpose(2, 0, 1)))
+    rgb = model_input(bgr, settings.short_side, settings.long_side)
     unscored = torch.full(bgr.shape[:2], 255, dtype=torch.uint8)  # all ignored: no metric here
     with torch.inference_mode():
         loop.push(Sample(0, "image", rgb, unscored))

@@ -53,6 +53,12 @@ def resize_image(image: np.ndarray, short_side: int, long_side: int) -> np.ndarr
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
 
 
+def model_input(bgr: np.ndarray, short_side: int, long_side: int) -> torch.Tensor:
+    """Decoded HxWx3 uint8 BGR -> the resized [3,h,w] uint8 RGB tensor a method is fed (normalised on the device)."""
+    resized = resize_image(bgr, short_side, long_side)
+    return torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1].transpose(2, 0, 1)))
+
+
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """mmseg's reduce_zero_label: 0 -> 255 (ignored), every other value v -> v - 1."""
     reduced = label.astype(np.int64) - 1
