@@ -14,9 +14,27 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(REPO)], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "-w", str(out), str(REPO)], check=True, capture_output=True, text=True)
+    (out / "build.log").write_text(done.stdout + done.stderr)
     return next(out.glob("ovseg_bench-*.whl"))
+
+
+def test_build_is_quiet(wheel):
+    """setuptools warns (about 440 lines) for every data folder missing from `packages`."""
+    log = (wheel.parent / "build.log").read_text()
+    assert "BuildBackendWarning" not in log and "is absent from the `packages` configuration" not in log
+
+
+def test_every_data_folder_is_a_declared_package():
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(config["packages"])
+    for package, folder in (("ovseg_bench.configs", "configs"), ("ovseg_bench.cards", "datasets")):
+        for sub in (p for p in (REPO / folder).rglob("*") if p.is_dir() and p.name != "__pycache__"):
+            name = ".".join([package, *sub.relative_to(REPO / folder).parts])
+            assert name in declared, f"pyproject.toml [tool.setuptools] packages lacks {name}"
 
 
 def _shipped(folder: str, suffixes: tuple[str, ...]) -> set[str]:
