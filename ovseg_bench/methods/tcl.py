@@ -34,15 +34,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
-import os
-import pickle
 import re
-import time
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +47,12 @@ from ..errors import ConfigError, WeightsError
 from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
+from .checkpoints import Mismatch, compare_state_dict, fetch_checkpoint, load_strict, read_checkpoint, sha256_file
 from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod, register_config_variants
 from .clip_family import synonym_max
 from .clip_model import load_clip
 from .pamr import PAMR, TCL_PAMR
 from .prompts import AVERAGING, TextCache, encode_names, load_templates, text_cache_identity
-from ..atomic import atomic_write
 
 TCL_CHECKPOINT_URL = "https://github.com/kakaobrain/tcl/releases/download/v1.0.0/tcl.pth"
 NORM_EPS = 1e-6  # TCL's us.normalize (F.normalize with eps 1e-6), §1.1
@@ -255,23 +249,12 @@ def remap_checkpoint(checkpoint: Any, expected: Mapping[str, tuple[int, ...]], *
     """
     state = _model_entry(checkpoint, source)
     wanted = {published_key(name, block_index): name for name in expected}
-    found: dict[str, Tensor] = {}
-    unexpected, misshaped = [], []
-    for key, value in state.items():
-        name = wanted.get(key)
-        if name is None:
-            if not IGNORED_KEYS.fullmatch(str(key)):
-                unexpected.append(str(key))
-            continue
-        shape = tuple(value.shape) if isinstance(value, Tensor) else None
-        if shape != tuple(expected[name]):
-            found_text = list(shape) if shape is not None else type(value).__name__
-            misshaped.append(f"{key} (expected {list(expected[name])}, found {found_text})")
-        found[name] = value
-    missing = [key for key, name in wanted.items() if name not in found]
-    if missing or unexpected or misshaped:
-        raise WeightsError(_mismatch_message(source, block_index, expected, missing, unexpected, misshaped))
-    return found
+    published = {key: value for key, value in state.items()
+                 if key in wanted or not IGNORED_KEYS.fullmatch(str(key))}
+    mismatch = compare_state_dict(published, {key: expected[name] for key, name in wanted.items()})
+    if mismatch:
+        raise WeightsError(_mismatch_message(source, block_index, expected, mismatch))
+    return {wanted[key]: value for key, value in published.items()}
 
 
 def _model_entry(checkpoint: Any, source: str) -> Mapping[str, Any]:
@@ -285,80 +268,12 @@ def _model_entry(checkpoint: Any, source: str) -> Mapping[str, Any]:
 
 
 def _mismatch_message(source: str, block_index: int, expected: Mapping[str, tuple[int, ...]],
-                      missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
-    def listing(label: str, keys: list[str]) -> str:
-        more = f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-        return f"{label} ({len(keys)}): {', '.join(keys[:_MAX_LISTED])}{more}"
-
+                      mismatch: Mismatch) -> str:
     width, embed = expected["image_proj.proj"]
-    parts = [listing(label, keys) for label, keys in
-             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
     return (f"{source}: not a TCL checkpoint for this backbone (grounder = resblocks.{block_index}, width "
-            f"{width}, embedding {embed}): {'; '.join(parts)}. Pass the tcl.pth released at {TCL_CHECKPOINT_URL} "
-            "with --model ViT-B-16 --pretrained openai, or a checkpoint in the same key layout made for --model")
-
-
-def read_checkpoint(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; unreadable files raise WeightsError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise WeightsError(f"{path}: not a readable torch checkpoint ({first_line[:200]}); "
-                           f"pass the tcl.pth released at {TCL_CHECKPOINT_URL}") from None
-
-
-def checkpoint_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/ovseg_bench/checkpoints``, else ``~/.cache/ovseg_bench/checkpoints``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ovseg_bench" / "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _download(url: str, target: Path) -> None:
-    """Fetch ``url`` to ``target`` (torch.hub writes a temporary file and renames it)."""
-    torch.hub.download_url_to_file(url, str(target), progress=True)
-
-
-def fetch_checkpoint(url: str, cache_dir: Path | None = None) -> tuple[Path, str]:
-    """The cached copy of ``url``, downloaded on first use; returns (path, sha256).
-
-    Trust on first use: no checksum is published with the release, so the sha256 of the first
-    download is recorded in ``<file>.sha256.json`` beside it and every later use must match it.
-    Offline, or on any download failure, raises WeightsError saying what to fetch by hand.
-    """
-    cache_dir = cache_dir or checkpoint_cache_dir()
-    path = cache_dir / (Path(urlparse(url).path).name or "checkpoint.pth")
-    if not path.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            _download(url, path)
-        except Exception as exc:  # urllib/http/socket errors all mean the same to the user
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-            raise WeightsError(f"cannot download the TCL checkpoint {url} ({reason}); download it on a machine "
-                               "with network access and pass --checkpoint PATH_TO/tcl.pth") from None
-    digest = sha256_file(path)
-    _check_recorded_digest(path, url, digest)
-    return path, digest
-
-
-def _check_recorded_digest(path: Path, url: str, digest: str) -> None:
-    record = path.with_name(path.name + ".sha256.json")
-    if not record.is_file():
-        entry = {"url": url, "sha256": digest, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write(record, json.dumps(entry, indent=2) + "\n")
-        return
-    recorded = json.loads(record.read_text(encoding="utf-8")).get("sha256")
-    if recorded != digest:
-        raise WeightsError(f"{path}: sha256 {digest} differs from {recorded} recorded at its first download in "
-                           f"{record}; delete both files to download it again, or pass --checkpoint PATH")
+            f"{width}, embedding {embed}): {mismatch.describe(_MAX_LISTED)}. Pass the tcl.pth released at "
+            f"{TCL_CHECKPOINT_URL} with --model ViT-B-16 --pretrained openai, or a checkpoint in the same key "
+            "layout made for --model")
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -393,7 +308,7 @@ class Tcl(WindowMethod):
 
     def _checkpoint_file(self, given: Path | None) -> tuple[Path, dict[str, Any]]:
         if given is None:
-            path, digest = fetch_checkpoint(self.config.checkpoint_url)
+            path, digest = fetch_checkpoint(self.config.checkpoint_url, what="TCL checkpoint")
             return path, {"checkpoint": self.config.checkpoint_url, "checkpoint_sha256": digest}
         path = Path(given).expanduser()
         if not path.is_file():
@@ -476,8 +391,9 @@ class Tcl(WindowMethod):
 
 def _load_masker(masker: TclMasker, path: Path, *, block_index: int) -> None:
     expected = {name: tuple(value.shape) for name, value in masker.state_dict().items()}
-    state = remap_checkpoint(read_checkpoint(path), expected, block_index=block_index, source=str(path))
-    masker.load_state_dict(state, strict=True)
+    checkpoint = read_checkpoint(path, hint=f"pass the tcl.pth released at {TCL_CHECKPOINT_URL}")
+    state = remap_checkpoint(checkpoint, expected, block_index=block_index, source=str(path))
+    load_strict(masker, state, source=str(path))
 
 
 # ----------------------------------------------------------------------------- variants

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg_bench.errors import WeightsError
-from ovseg_bench.methods import tcl
+from ovseg_bench.methods import checkpoints, tcl
 from ovseg_bench.methods.base import DatasetInfo, WeightsOptions
 from ovseg_bench.methods.pamr import PAMR
 from ovseg_bench.methods.prompts import load_templates
@@ -337,7 +337,7 @@ def test_offline_without_checkpoint_says_what_to_download(synthetic_tree, tmp_pa
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(tcl, "_download", no_network)
+    monkeypatch.setattr(checkpoints, "_download", no_network)
     out = tmp_path / "runs"
     code, _, stderr = call_cli(run_argv("tcl", "voc", out, data_root=synthetic_tree[0]))
     assert code == ONE_LINE_ERROR and len(stderr.strip().splitlines()) == 1, stderr
@@ -352,7 +352,7 @@ def test_first_download_records_the_sha256_and_later_uses_check_it(tmp_path, mon
         calls.append(url)
         Path(target).write_bytes(checkpoint.read_bytes())
 
-    monkeypatch.setattr(tcl, "_download", fake_download)
+    monkeypatch.setattr(checkpoints, "_download", fake_download)
     cache = tmp_path / "cache"
     path, digest = tcl.fetch_checkpoint(tcl.TCL_CHECKPOINT_URL, cache)
     assert path == cache / "tcl.pth" and calls == [tcl.TCL_CHECKPOINT_URL]
