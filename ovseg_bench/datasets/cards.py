@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..registry import unknown_name_message
+from ..registry import resolve_name, unknown_name_message
 from ..resources import cards_dir
 from ..yamlconf import load_dataclass
 
@@ -90,10 +90,18 @@ def _read_lines(path: Path) -> list[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
-@lru_cache(maxsize=None)
 def load_card(name: str) -> DatasetCard:
+    """The card called ``name``, forgiving case and surrounding spaces (``--dataset "voc, ADE20K"``
+    reaches here as " ADE20K" after the comma split). Unknown names raise ConfigError with
+    close matches.
+    """
+    return _load_card(resolve_name("dataset", name, card_names()))
+
+
+@lru_cache(maxsize=None)
+def _load_card(name: str) -> DatasetCard:
     path = cards_dir() / f"{name}.yaml"
-    if not path.is_file():
+    if not path.is_file():  # card_names() lists only existing files: a race or a bad caller
         raise ConfigError(unknown_name_message("dataset", name, card_names()))
     card = load_dataclass(DatasetCard, path)
     if card.name != name:

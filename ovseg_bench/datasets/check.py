@@ -8,8 +8,9 @@ real datasets. It never raises for missing data: everything it finds goes into
 §9.14): the image's size from its header with the EXIF Orientation applied (images whose
 Orientation is not 1 are counted and named), the GT's size, that the GT is a single-channel
 8-bit map whose values lie in 0..``raw_label_max`` (plus 255 only where the card's
-``gt_has_ignore``), and the GT's sha256 against a checksum manifest: one shipped as
-``datasets/manifests/gt/<card>.json`` if it exists (the reference conversion), else the
+``gt_has_ignore``; on Pascal Context, whose card has none, a 255 is reported as information,
+since the run ignores it like mmseg), and the GT's sha256 against a checksum manifest: one
+shipped as ``datasets/manifests/gt/<card>.json`` if it exists (the reference conversion), else the
 ``ovseg_gt_sha256.json`` that ``data prepare`` writes in the dataset's root folder.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from ..errors import DataError
 from ..resources import cards_dir
 from .cards import DatasetCard
-from .listing import SampleRef, layout_paths, list_samples, missing_gt, path_exists
+from .listing import SampleRef, data_root_hint, layout_paths, list_samples, missing_gt, path_exists
 from ..atomic import atomic_write
 
 SHOW_FIRST = 5  # missing file names shown per problem; the count is always given
@@ -37,6 +38,12 @@ SHOW_FIRST = 5  # missing file names shown per problem; the count is always give
 GT_MANIFEST_NAME = "ovseg_gt_sha256.json"
 GT_MANIFEST_SCHEMA = "ovseg-bench/gt-sha256/1"
 EXIF_ORIENTATION = 0x0112
+
+# Cards whose GT should hold no ignore value, yet where some published or converted copies do
+# (Pascal Context label sets from other converters mark unlabelled pixels 255). The run ignores
+# 255 on every card as mmseg does (loader and metrics), so here it is information, not an error;
+# the other cards without ignore keep refusing it (a 255 there means a wrong conversion).
+IGNORE_NOTED = frozenset({"context", "context59"})
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ def _layout_problems(card: DatasetCard, data_root: Path, root: Path) -> list[str
     pieces = layout_paths(card, data_root) + [("GT folder", root / card.ann_dir)]
     missing = [(what, path) for what, path in pieces if not path_exists(what, path)]
     if missing and missing[0][0] == "data root":
-        return [f"data root {data_root} does not exist; pass --data-root DIR or set $OVSEG_DATA"]
+        return [f"data root {data_root} does not exist; {data_root_hint(data_root)}"]
     if missing and missing[0][0] == "dataset folder":
         missing = missing[:1]
     return [f"{what} {path} not found" for what, path in missing]
@@ -195,6 +202,7 @@ class _Facts:
     gt_size: tuple[int, int] | None = None      # (width, height)
     gt_mode: str | None = None                  # None when the GT is a 2-D uint8 map
     bad_values: tuple[int, ...] = ()
+    has_ignore: bool = False                    # the card's ignore value occurs in the GT
     sha256: str | None = None
     error: str | None = None
 
@@ -204,20 +212,22 @@ def _deep_check(card: DatasetCard, root: Path, samples: list[SampleRef]) -> Deep
     present = [s for s in samples if s.gt_path.is_file() and s.image_path.is_file()]
     allowed = np.zeros(256, dtype=bool)
     allowed[: card.raw_label_max + 1] = True
-    if card.gt_has_ignore:
+    if card.gt_has_ignore or card.name in IGNORE_NOTED:
         allowed[card.ignore_index] = True
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        facts = list(pool.map(lambda s: _inspect(s, allowed), present))
+        facts = list(pool.map(lambda s: _inspect(s, allowed, card.ignore_index), present))
     problems = _fact_problems(card, root, present, facts)
+    ignore_note = _ignore_note(card, facts)
     try:
         manifest, source = load_gt_manifest(card, root)
     except DataError as exc:
-        return DeepFindings(tuple(problems + [str(exc)]))
+        return DeepFindings(tuple(problems + [str(exc)]), tuple(ignore_note))
     if manifest is None:
         notes = [f"GT checksums not verified: no {GT_MANIFEST_NAME} (`ovseg-bench data prepare` writes it)"]
     else:
         problems += _checksum_problems(root, present, facts, manifest, source)
         notes = [f"GT sha256 checked against {source}"]
+    notes[:0] = ignore_note
     rotated = [(s, f) for s, f in zip(present, facts) if f.orientation != 1]
     if rotated:
         named = ", ".join(f"{s.image_path.name} ({f.orientation})" for s, f in rotated[:SHOW_FIRST])
@@ -227,7 +237,7 @@ def _deep_check(card: DatasetCard, root: Path, samples: list[SampleRef]) -> Deep
     return DeepFindings(tuple(problems), tuple(notes), tuple(s.image_id for s, _ in rotated))
 
 
-def _inspect(sample: SampleRef, allowed: np.ndarray) -> _Facts:
+def _inspect(sample: SampleRef, allowed: np.ndarray, ignore_index: int) -> _Facts:
     """Read the image header and the GT file once: sizes, orientation, mode, values, sha256."""
     from PIL import Image
 
@@ -248,9 +258,9 @@ def _inspect(sample: SampleRef, allowed: np.ndarray) -> _Facts:
     sha = hashlib.sha256(data).hexdigest()
     if gt.dtype != np.uint8 or gt.ndim != 2:
         return _Facts(image_size, orientation, gt_size, gt_mode=f"mode {mode}", sha256=sha)
-    present = np.flatnonzero(np.bincount(gt.ravel(), minlength=256))
-    bad = tuple(int(v) for v in present if not allowed[v])
-    return _Facts(image_size, orientation, gt_size, None, bad, sha)
+    counts = np.bincount(gt.ravel(), minlength=256)
+    bad = tuple(int(v) for v in np.flatnonzero(counts) if not allowed[v])
+    return _Facts(image_size, orientation, gt_size, None, bad, bool(counts[ignore_index]), sha)
 
 
 def _fact_problems(card: DatasetCard, root: Path, samples: list[SampleRef], facts: list[_Facts]) -> list[str]:
@@ -278,7 +288,22 @@ def _fact_problems(card: DatasetCard, root: Path, samples: list[SampleRef], fact
 
 
 def _allowed_text(card: DatasetCard) -> str:
-    return f"0..{card.raw_label_max}" + (f" and {card.ignore_index}" if card.gt_has_ignore else " (no 255)")
+    if card.gt_has_ignore:
+        return f"0..{card.raw_label_max} and {card.ignore_index}"
+    if card.name in IGNORE_NOTED:
+        return f"0..{card.raw_label_max} (and {card.ignore_index}, ignored)"
+    return f"0..{card.raw_label_max} (no {card.ignore_index})"
+
+
+def _ignore_note(card: DatasetCard, facts: list[_Facts]) -> list[str]:
+    """"info: 255 (ignore) in N of M GT files ..." for the cards of IGNORE_NOTED; else nothing."""
+    if card.name not in IGNORE_NOTED:
+        return []
+    found = sum(1 for f in facts if f.has_ignore)
+    if not found:
+        return []
+    return [f"info: {card.ignore_index} (ignore) in {found} of {len(facts)} GT files; the card expects none, "
+            "and the run ignores those pixels as MMSegmentation does"]
 
 
 def _checksum_problems(root: Path, samples: list[SampleRef], facts: list[_Facts],

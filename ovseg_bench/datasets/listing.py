@@ -14,12 +14,15 @@ Listing only touches directories; GT files are checked by :func:`missing_gt` or 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
 from ..resources import cards_dir
 from .cards import DatasetCard
+
+DEFAULT_DATA_ROOT = Path("data")  # what the CLI uses without --data-root and $OVSEG_DATA
 
 
 @dataclass(frozen=True)
@@ -72,10 +75,64 @@ def path_exists(what: str, path: Path) -> bool:
 
 def require_layout(card: DatasetCard, data_root: Path) -> Path:
     """The split's root folder, after checking that everything listing needs exists."""
+    missing = first_missing(card, data_root)
+    if missing is not None:
+        what, path = missing
+        raise DataError(f"{card.name}: {what} {path} not found; " + _how_to_fix(card, data_root))
+    return card.root_in(Path(data_root))
+
+
+def first_missing(card: DatasetCard, data_root: Path) -> tuple[str, Path] | None:
+    """(what, path) of the outermost layout piece that is missing, or None when listing can proceed."""
     for what, path in layout_paths(card, data_root):
         if not path_exists(what, path):
-            raise DataError(f"{card.name}: {what} {path} not found; " + _how_to_fix(card))
-    return card.root_in(Path(data_root))
+            return what, path
+    return None
+
+
+def require_datasets(cards: Sequence[DatasetCard], data_root: Path) -> None:
+    """Raise one DataError naming every card whose data are not in place (for ``--dataset all``).
+
+    One line: "datasets not found under ROOT: voc (expected ROOT/VOCdevkit/VOC2012), ade20k
+    (expected ...); <how the data root was chosen, how to pass another>; <how to prepare them>".
+    When the data root itself is missing it says so instead of listing every folder under it.
+    """
+    gone = [(card, piece) for card in cards if (piece := first_missing(card, data_root)) is not None]
+    if not gone:
+        return
+    names = [card.name for card, _ in gone]
+    fix = (f"`ovseg-bench data prepare {' '.join(names)}` fetches and converts them; "
+           "`ovseg-bench data check` shows what is in place")
+    if not Path(data_root).is_dir():
+        raise DataError(f"data root {_shown(data_root)} does not exist (needed by {', '.join(names)}); "
+                        f"{data_root_hint(data_root)}; {fix}")
+    listed = ", ".join(f"{card.name} (expected {'' if what == 'dataset folder' else what + ' '}{path})"
+                       for card, (what, path) in gone)
+    raise DataError(f"datasets not found under {_shown(data_root)}: {listed}; {data_root_hint(data_root)}; {fix}")
+
+
+def data_root_hint(data_root: Path) -> str:
+    """How ``data_root`` was chosen and how to choose another, for messages about missing data.
+
+    The CLI resolves the default before the library sees it (``--data-root``, else $OVSEG_DATA,
+    else ./data, as plan.default_data_root), so the default is recognised by value.
+    """
+    env = os.environ.get("OVSEG_DATA")
+    if env and Path(env) == Path(data_root):
+        return ("this is $OVSEG_DATA (used when no --data-root is given); pass --data-root DIR or set "
+                "$OVSEG_DATA to the folder that holds the datasets")
+    if not env and Path(data_root) == DEFAULT_DATA_ROOT:
+        return (f"no --data-root was given and $OVSEG_DATA is unset, so the default ./data "
+                f"({Path(data_root).absolute()}) was used; pass --data-root DIR or set $OVSEG_DATA to the folder "
+                "that holds the datasets")
+    return ("pass --data-root DIR (default: $OVSEG_DATA, else ./data) naming the folder that holds the datasets, "
+            "or set $OVSEG_DATA")
+
+
+def _shown(data_root: Path) -> str:
+    """The data root as given, plus its absolute form when relative (./data depends on the cwd)."""
+    path = Path(data_root)
+    return str(path) if path.is_absolute() else f"{path} ({path.absolute()})"
 
 
 def expected_layout(card: DatasetCard) -> str:
@@ -92,13 +149,13 @@ def expected_layout(card: DatasetCard) -> str:
     return ", ".join(parts)
 
 
-def _how_to_fix(card: DatasetCard) -> str:
+def _how_to_fix(card: DatasetCard, data_root: Path) -> str:
     card_file = cards_dir() / f"{card.name}.yaml"
-    where = "beside its card" if card.embedded else "under the data root"
+    if card.embedded:  # the data root plays no part: the files ship beside the card
+        return f"'{card.name}' expects, beside its card: {expected_layout(card)} (see {card_file})."
     return (
-        "pass --data-root DIR or set $OVSEG_DATA to the folder that holds the datasets in the "
-        f"MMSegmentation layout. '{card.name}' expects, {where}: {expected_layout(card)} "
-        f"(see {card_file})."
+        f"{data_root_hint(data_root)}, in the MMSegmentation layout. '{card.name}' expects, under the data "
+        f"root: {expected_layout(card)} (see {card_file})."
     )
 
 

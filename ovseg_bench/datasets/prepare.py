@@ -8,7 +8,8 @@ runs the same stages, in order:
 2. obtain: for every archive in ``datasets/manifests/<name>.json`` whose files are not already
    in place under the data root, take the ``--from-archive`` file or the one in the download
    folder, else download it (resumable, checksummed), then extract only the members the
-   benchmark needs;
+   benchmark needs. An archive read only by the conversion (Context's ``trainval_merged.json``)
+   is not fetched when the converted files are already complete;
 3. convert (context, coco_stuff, coco_object, cityscapes): the pure functions of
    :mod:`.converters` over every file, in a process pool with a progress bar. A file whose
    existing output already holds exactly the converted labels is kept; a target whose inputs
@@ -48,7 +49,7 @@ from .cards import load_card
 from .check import DatasetCheck, atomic_write, check_dataset, format_checks, write_gt_manifest
 from .download import (ArchiveSpec, download, extract, extraction_marker, find_archive, load_archive_manifest,
                        unmatched_archives, verify_file)
-from .listing import list_samples
+from .listing import list_samples, read_split_file
 from ..atomic import atomic_path
 
 TARGETS = ("voc", "context", "coco_stuff", "coco_object", "cityscapes", "ade20k")
@@ -79,6 +80,9 @@ class Conversion:
     tasks: Callable[[Path, list[Path]], tuple[list[Task], dict[str, Any]]]  # worker tasks, report facts
     worker: Callable[[Task], Result]                          # top-level, so the pool can pickle it
     summarise: Callable[[list[Result]], tuple[dict[str, Any], list[str]]]  # report facts, warnings
+    # Whether the converted files are all there already, so archives read only by the
+    # conversion (Plan.raw_archives) need not be fetched; None: always fetch them.
+    complete: Callable[[Path], bool] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,7 @@ class Plan:
     manifest: str
     conversion: Conversion | None = None
     moves: tuple[tuple[str, str], ...] = ()  # (misplaced, expected), relative to the data root
+    raw_archives: tuple[str, ...] = ()       # archives only the conversion reads (see Conversion.complete)
 
 
 @dataclasses.dataclass
@@ -224,6 +229,9 @@ def _obtain(plan: Plan, options: PrepareOptions, log: Log) -> list[dict[str, Any
     for spec in manifest.archives:
         if _in_place(spec, options.data_root):
             continue
+        if _already_converted(plan, spec, options.data_root):
+            log.done.append(f"{spec.name} not fetched: the files converted from it are already complete")
+            continue
         path, digests, origin = _archive_file(spec, options, manifest.notes)
         dest = options.data_root / spec.dest
         if spec.kind == "file":
@@ -248,6 +256,18 @@ def _in_place(spec: ArchiveSpec, data_root: Path) -> bool:
     if extraction_marker(data_root / spec.dest, spec.name).exists():
         return False
     return bool(spec.provides) and all((data_root / p).exists() for p in spec.provides)
+
+
+def _already_converted(plan: Plan, spec: ArchiveSpec, data_root: Path) -> bool:
+    """Whether ``spec`` feeds only the conversion and every converted file already exists.
+
+    Idempotency without the raw input: a tree converted before (by us or by MMSegmentation's
+    converter) needs no annotation download to be checked again.
+    """
+    complete = plan.conversion.complete if plan.conversion is not None else None
+    if spec.name not in plan.raw_archives or complete is None:
+        return False
+    return complete(load_card(plan.cards[0]).root_in(data_root))
 
 
 def _archive_file(spec: ArchiveSpec, options: PrepareOptions, notes: str) -> tuple[Path, dict[str, str], str]:
@@ -388,6 +408,22 @@ def _context_outputs(root: Path) -> list[Path]:
     labels = sorted((root / "SegmentationClassContext").glob("*.png"))
     splits = [root / "ImageSets" / "SegmentationContext" / f"{p}.txt" for p in CONTEXT_PHASES]
     return labels + [p for p in splits if p.is_file()]
+
+
+def _context_complete(root: Path) -> bool:
+    """Both split files exist, list images, and every listed image has its label PNG (§9.12)."""
+    labels = root / "SegmentationClassContext"
+    for phase in CONTEXT_PHASES:
+        split = root / "ImageSets" / "SegmentationContext" / f"{phase}.txt"
+        if not split.is_file():
+            return False
+        try:
+            stems = read_split_file(split)
+        except DataError:
+            return False  # unreadable: converting again rewrites it
+        if not stems or not all((labels / f"{stem}.png").is_file() for stem in stems):
+            return False
+    return True
 
 
 def _context_tasks(root: Path, inputs: list[Path]) -> tuple[list[Task], dict[str, Any]]:
@@ -614,8 +650,8 @@ def write_report(root: Path, target: str, section: dict[str, Any]) -> None:
 PLANS: dict[str, Plan] = {
     "voc": Plan("voc", ("voc", "voc20"), "voc", moves=(("VOC2012", "VOCdevkit/VOC2012"),)),
     "context": Plan("context", ("context", "context59"), "context", Conversion(
-        _context_inputs, _context_outputs, _context_tasks, _context_worker, _no_summary),
-        moves=(("VOC2010", "VOCdevkit/VOC2010"),)),
+        _context_inputs, _context_outputs, _context_tasks, _context_worker, _no_summary, _context_complete),
+        moves=(("VOC2010", "VOCdevkit/VOC2010"),), raw_archives=(CONTEXT_JSON,)),
     "coco_stuff": Plan("coco_stuff", ("coco_stuff",), "coco_stuff", Conversion(
         _coco_inputs, _coco_outputs_for("_labelTrainIds.png"), _coco_tasks_for("stuff", "_labelTrainIds.png"),
         _coco_worker, _coco_summary)),

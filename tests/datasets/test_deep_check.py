@@ -54,8 +54,8 @@ def test_gt_size_mismatch_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("name", "value", "allowed"), [
-    ("context", 60, "0..59 (no 255)"),        # one past the last class
-    ("context59", 255, "0..59 (no 255)"),     # Context has no ignore value on disk
+    ("context", 60, "0..59 (and 255, ignored)"),    # one past the last class
+    ("context59", 61, "0..59 (and 255, ignored)"),  # 255 alone is information there, see below
     ("coco_object", 255, "0..80 (no 255)"),   # unlabelled must have become background
     ("coco_stuff", 171, "0..170 and 255"),
     ("cityscapes", 19, "0..18 and 255"),
@@ -92,6 +92,38 @@ def test_ignore_value_is_allowed_where_the_card_has_it(tmp_path: Path) -> None:
     image.putpalette(voc_palette())
     image.save(path)
     assert _deep("voc", tmp_path).problems == []
+
+
+def _put_value(name: str, root: Path, value: int) -> Path:
+    """Set the top-left 2x2 pixels of the first GT file of ``name`` to ``value``."""
+    path = _first_gt(name, root)
+    gt = np.array(Image.open(path))
+    gt[:2, :2] = value
+    Image.fromarray(gt).save(path)
+    return path
+
+
+def test_ignore_value_is_information_on_context_and_a_problem_elsewhere(tmp_path: Path) -> None:
+    """The run ignores 255 like mmseg on every card, so the deep check must not fail Context on it;
+    the other cards without ignore keep refusing it (there it means a wrong conversion)."""
+    assert not any("(ignore)" in note for note in _deep("context", _tree(tmp_path / "clean", "context")).notes)
+    for name in ("context", "context59"):
+        root = _tree(tmp_path / name, name)
+        _put_value(name, root, 255)
+        result = _deep(name, root)
+        assert result.problems == [] and result.ok, (name, result.problems)
+        assert "info: 255 (ignore) in 1 of 3 GT files" in result.notes[0], name
+    for name in ("ade20k", "coco_object"):
+        root = _tree(tmp_path / name, name)
+        _put_value(name, root, 255)
+        result = _deep(name, root)
+        assert len(result.problems) == 1 and "(values 255)" in result.problems[0], name
+        assert not any("(ignore)" in note for note in result.notes), name
+
+
+def _tree(root: Path, name: str) -> Path:
+    write_dataset(name, root)
+    return root
 
 
 def test_rgb_gt_is_not_a_label_map(tmp_path: Path) -> None:

@@ -186,3 +186,50 @@ def test_check_on_wrong_data_root_reports_without_raising(tmp_path: Path) -> Non
     check = check_dataset(load_card("voc"), tmp_path / "nowhere")
     assert (check.found, check.status, check.num_images) == (False, "missing", 0)
     assert str(tmp_path / "nowhere") in check.problems[0]
+
+
+# ------------------------------------------------------------ where the data root came from
+
+def test_missing_default_data_root_says_it_was_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --data-root and no $OVSEG_DATA: the message says ./data was the default and how to change it."""
+    monkeypatch.delenv("OVSEG_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # ./data does not exist here
+    with pytest.raises(DataError) as info:
+        list_samples(load_card("ade20k"), Path("data"))
+    message = str(info.value)
+    assert "no --data-root was given and $OVSEG_DATA is unset, so the default ./data (" in message
+    assert f"{tmp_path / 'data'}) was used" in message
+    assert "--data-root DIR" in message
+    check = check_dataset(load_card("voc"), Path("data"))
+    assert "the default ./data (" in check.problems[0] and "does not exist" in check.problems[0]
+
+
+def test_missing_data_root_from_the_environment_names_ovseg_data(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = tmp_path / "from_env"
+    monkeypatch.setenv("OVSEG_DATA", str(gone))
+    check = check_dataset(load_card("voc"), gone)
+    assert str(gone) in check.problems[0] and "this is $OVSEG_DATA" in check.problems[0]
+
+
+def test_require_datasets_names_every_missing_dataset_at_once(tmp_path: Path) -> None:
+    from ovseg_bench.datasets.listing import require_datasets
+
+    write_dataset("voc", tmp_path)
+    (tmp_path / "cityscapes").mkdir()  # present, but without its image folder
+    cards = [load_card(n) for n in ALL_BENCHMARKS]
+    with pytest.raises(DataError) as info:
+        require_datasets(cards, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"datasets not found under {tmp_path}: context (expected ")
+    assert f"ade20k (expected {tmp_path / 'ade/ADEChallengeData2016'})" in message
+    assert f"cityscapes (expected image folder {tmp_path / 'cityscapes/leftImg8bit/val'})" in message
+    assert "voc (" not in message and "ovseg-bench data prepare context context59" in message
+    require_datasets([load_card("voc"), load_card("demo")], tmp_path)  # all there: no error
+
+
+def test_require_datasets_on_a_missing_root_says_so_once(tmp_path: Path) -> None:
+    from ovseg_bench.datasets.listing import require_datasets
+
+    with pytest.raises(DataError, match=r"data root .*nowhere does not exist \(needed by voc, ade20k\)"):
+        require_datasets([load_card("voc"), load_card("ade20k")], tmp_path / "nowhere")

@@ -183,6 +183,35 @@ def test_context_from_archives_then_check_and_run(cli, tmp_path: Path, monkeypat
     assert np.array_equal(_label(label_path), _context_expected()["2008_000007"])
 
 
+def test_context_already_converted_does_not_fetch_the_annotation_file(cli, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converted tree without trainval_merged.json is checked, not downloaded into again."""
+    tar, detail = _context_archives(tmp_path)
+    _use_manifest(monkeypatch, **{tar.name: {"md5": _md5(tar)}, detail.name: {"md5": _md5(detail)}})
+    data = tmp_path / "data"
+    code, stdout, stderr = _prepare(cli, "context", "--data-root", data, "--from-archive", tar,
+                                    "--from-archive", detail, "--workers", 1)
+    assert code == 0, stderr + stdout
+    voc2010 = data / "VOCdevkit/VOC2010"
+    (voc2010 / "trainval_merged.json").unlink()  # e.g. removed to save space, or converted by mmseg
+    fetched: list[str] = []
+
+    def no_download(spec, *args, **kwargs):
+        fetched.append(spec.name)
+        raise DataError(f"offline: {spec.name} must not be downloaded here")
+
+    monkeypatch.setattr(prepare, "download", no_download)
+    code, stdout, stderr = _prepare(cli, "context", "--data-root", data, "--workers", 1)
+    assert code == 0 and fetched == [], stderr + stdout
+    assert "trainval_merged.json not fetched: the files converted from it are already complete" in stdout
+    assert "raw annotations absent: checked the converted files already there" in stdout
+
+    # One label missing: the conversion is incomplete, so the annotation file is needed again.
+    (voc2010 / "SegmentationClassContext/2008_000011.png").unlink()
+    code, _, stderr = _prepare(cli, "context", "--data-root", data, "--workers", 1)
+    assert code == 2 and fetched == ["trainval_merged.json"] and "offline" in stderr
+
+
 # --------------------------------------------------------------------------- COCO-Stuff / COCO-Object
 
 # Raw values: person, unused 11, toothbrush (last thing), unused 90, banner (first stuff), wood (last stuff),
