@@ -11,18 +11,21 @@ pandas) on first use.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
 import pandas as pd
 
-from .results import scan_results
+from .errors import DataError
+from .identity import method_variant, result_config_digest
+from .results import scan_results, scan_results_with_skipped, skipped_note
 
 # Identity, then numbers, then circumstances; ``setting.<key>`` columns follow, sorted.
 COLUMNS = (
-    "method", "architecture", "weights", "random", "dataset", "track", "protocol", "fingerprint",
-    "precision", "limit", "mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width",
+    "method", "variant", "config_sha256", "architecture", "weights", "random", "dataset", "track", "protocol",
+    "fingerprint", "precision", "limit", "mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width",
     "images_seen", "images_expected", "seconds", "images_per_s", "path",
 )
 SETTING_PREFIX = "setting."
@@ -38,16 +41,28 @@ def load_results(path: str | Path) -> pd.DataFrame:
     short identity (open_clip tag or file name, plus a method checkpoint's file name and sha256
     prefix), ``path`` the file's path as found under ``path``.
 
-    Raises :class:`~ovseg_bench.errors.DataError` naming the file when a result file cannot be
-    read or has an unknown schema, and when ``path`` does not exist. An existing folder without
-    result files gives an empty frame with the columns above.
+    ``variant`` is ``None`` for a run of the method's shipped config, else the config variant's
+    short name (the config file's own name, or ``cfg-<8 hex>``); ``config_sha256`` is the sha256
+    of the method's effective config (:func:`ovseg_bench.identity.config_digest`; computed from
+    the config for older files, whose variant reads ``None``). Rows of one method that differ in
+    either are different runs.
+
+    JSON files under a folder that declare no result schema (a baseline, a ``notes.json``) are
+    skipped, with one ``UserWarning`` naming them. Raises :class:`~ovseg_bench.errors.DataError`
+    naming the file when a result file is not valid JSON, declares a result schema of an unknown
+    version or lacks a required field, and when ``path`` does not exist. An existing folder
+    without result files gives an empty frame with the columns above.
     """
-    return results_frame(scan_results(path))
+    found, skipped = scan_results_with_skipped(path)
+    note = skipped_note(path, skipped)
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return results_frame(found)
 
 
 def results_frame(found: list[tuple[Path, dict[str, Any]]]) -> pd.DataFrame:
     """The frame of :func:`load_results` for already-read results (same order)."""
-    rows = [result_row(result, path) for path, result in found]
+    rows = [_checked_row(result, path) for path, result in found]
     settings = sorted({key for row in rows for key in row if key.startswith(SETTING_PREFIX)})
     frame = pd.DataFrame(rows, columns=[*COLUMNS, *settings])
     for column in ("limit", "images_seen", "images_expected"):
@@ -59,13 +74,23 @@ def results_frame(found: list[tuple[Path, dict[str, Any]]]) -> pd.DataFrame:
     return frame
 
 
+def _checked_row(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """:func:`result_row`, naming the file when a required field is missing (a hand-edited file)."""
+    try:
+        return result_row(result, path)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: not a complete result file (missing or malformed field {exc}); "
+                        "rerun it, or move it out of the results folder") from None
+
+
 def result_row(result: dict[str, Any], path: Path) -> dict[str, Any]:
     """One result as a flat row (see :func:`load_results` for the columns)."""
     method, weights, protocol = result["method"], result["method"].get("weights", {}), result["protocol"]
     metrics, images, timing = result["metrics"], result.get("images", {}), result.get("timing", {})
     low, high, half = ci95(metrics)
     row = {
-        "method": method["name"], "architecture": weights.get("architecture", "–"),
+        "method": method["name"], "variant": method_variant(result), "config_sha256": result_config_digest(result),
+        "architecture": weights.get("architecture", "–"),
         "weights": weights_label(weights), "random": bool(weights.get("random", False)),
         "dataset": result["dataset"]["name"], "track": result["dataset"].get("track", "semantic"),
         "protocol": protocol["preset"], "fingerprint": protocol["fingerprint"],

@@ -1,11 +1,15 @@
 """``ovseg-bench regress``: a CI gate of result files against a baseline file (issue 3 item 3, issue 6).
 
-The baseline (schema ``ovseg-bench/baseline/v1``) holds one entry per (method, dataset,
-protocol preset), keyed ``method/dataset/preset``: the protocol fingerprint, the class list,
-the image set (count and ``ids_sha256``), mIoU/aAcc/mAcc and the full int64 counts
-(intersect, union, pred, label per class). ``--update`` writes it from a results folder,
-atomically, with sorted keys, so the same results give the same bytes and its diff can be
-reviewed like code.
+The baseline (schema ``ovseg-bench/baseline/v1``) holds one entry per (method, config variant,
+dataset, protocol preset), keyed ``method/dataset/preset`` for the shipped config and
+``method@variant/dataset/preset`` for a variant (:mod:`ovseg_bench.identity`; a variant entry
+also records ``variant``): the protocol fingerprint, the class list, the image set (count and
+``ids_sha256``), mIoU/aAcc/mAcc and the full int64 counts (intersect, union, pred, label per
+class). ``--update`` merges a results folder into it: entries of the results replace those of
+the same key, the other baseline entries stay, and what was replaced or added is listed;
+``--update --replace`` rewrites it from the results alone; a baseline that does not exist yet
+is created. Written atomically, with sorted keys, so the same entries give the same bytes and
+its diff can be reviewed like code.
 
 Two modes, chosen by ``--tolerance``:
 
@@ -18,7 +22,8 @@ Two modes, chosen by ``--tolerance``:
 In both modes an entry is not comparable (exit 2) when its fingerprint, class list or image
 set differs from the baseline's; a baseline entry with no result fails (exit 1); a result with
 no baseline entry is listed as ``new`` and passes. Exit code: 2 if anything is not comparable,
-else 1 if anything failed, else 0.
+else 1 if anything failed, else 0. JSON files in the results folder that declare no result
+schema (a ``notes.json``, the baseline itself) are skipped and named in one warning line.
 """
 from __future__ import annotations
 
@@ -26,11 +31,15 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .results import scan_results
+from .identity import method_variant
+from .results import scan_results_with_skipped, skipped_note
 from .atomic import atomic_write
 
 BASELINE_SCHEMA = "ovseg-bench/baseline/v1"
@@ -42,22 +51,49 @@ MAX_MOVED_ROWS = 40  # classes listed per changed entry in exact mode
 
 # ----------------------------------------------------------------------------- reading results
 
+Warn = Callable[[str], None]  # receives the one line about skipped JSON files
+
+
 def find_results(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """(path, result) for every result file under the folder ``folder`` (:func:`scan_results`)."""
+    """(path, result) for every result file under the folder ``folder``; see :func:`find_results_with_skipped`."""
+    return find_results_with_skipped(folder)[0]
+
+
+def find_results_with_skipped(folder: Path) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
+    """(results, skipped JSON files) under the folder ``folder``.
+
+    See :func:`~ovseg_bench.results.scan_results_with_skipped`.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--results {folder} is not a folder; pass the folder the runs wrote (e.g. runs/ci)")
-    return scan_results(folder)
+    return scan_results_with_skipped(folder)
 
 
-def entry_key(method: str, dataset: str, preset: str) -> str:
-    return f"{method}/{dataset}/{preset}"
+def entry_key(method: str, dataset: str, preset: str, *, variant: str | None = None) -> str:
+    """``method/dataset/preset``, or ``method@variant/dataset/preset`` for a config variant.
+
+    The shipped config keeps the key without ``@`` so baselines written before variants existed
+    (e.g. tests/golden/baseline.json) stay valid.
+    """
+    return f"{method}@{variant}/{dataset}/{preset}" if variant else f"{method}/{dataset}/{preset}"
+
+
+def key_of(entry: dict[str, Any]) -> str:
+    """The baseline key of an entry (``variant`` absent = the shipped config)."""
+    return entry_key(entry["method"], entry["dataset"], entry["protocol"], variant=entry.get("variant"))
 
 
 def entry_from_result(result: dict[str, Any]) -> dict[str, Any]:
-    """The baseline entry of one result: identity, image set, metrics and full counts."""
+    """The baseline entry of one result: identity, image set, metrics and full counts.
+
+    ``variant`` is recorded only for a config variant, so entries of the shipped config keep
+    their bytes.
+    """
+    variant = method_variant(result)
     return {
-        "method": result["method"]["name"], "dataset": result["dataset"]["name"],
+        "method": result["method"]["name"], **({"variant": variant} if variant else {}),
+        "dataset": result["dataset"]["name"],
         "protocol": result["protocol"]["preset"], "fingerprint": result["protocol"]["fingerprint"],
         "limit": result["protocol"].get("limit"), "classes": list(result["dataset"]["classes"]),
         "images": {"seen": result["images"]["seen"], "ids_sha256": result["images"]["ids_sha256"]},
@@ -66,19 +102,40 @@ def entry_from_result(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def current_entries(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """key -> (result file, entry); two results with one key are refused."""
+def current_entries(folder: Path, *, warn: Warn | None = None) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """key -> (result file, entry); two results with one key are refused.
+
+    ``warn`` gets the one line naming JSON files that are not result files (default:
+    ``warnings.warn``).
+    """
+    found, skipped = find_results_with_skipped(folder)
+    note = skipped_note(folder, skipped)
+    if note:
+        (warn or _warn)(note)
     entries: dict[str, tuple[Path, dict[str, Any]]] = {}
-    for path, result in find_results(folder):
-        entry = entry_from_result(result)
-        key = entry_key(entry["method"], entry["dataset"], entry["protocol"])
+    for path, result in found:
+        entry = _entry_or_fail(result, path)
+        key = key_of(entry)
         if key in entries:
             raise DataError(f"{key}: two results under {folder}: {entries[key][0]} and {path}; "
-                            "keep one result per (method, dataset, protocol) in the folder regress reads")
+                            "keep one result per (method, variant, dataset, protocol) in the folder regress reads")
         entries[key] = (path, entry)
     if not entries:
         raise DataError(f"no result files under {folder}; run `ovseg-bench run ... --output {folder}` first")
     return entries
+
+
+def _entry_or_fail(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """:func:`entry_from_result`, naming the file when a required field is missing."""
+    try:
+        return entry_from_result(result)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path}: not a complete result file (missing or malformed field {exc}); "
+                        "rerun it, or move it out of the results folder") from None
+
+
+def _warn(note: str) -> None:
+    warnings.warn(note, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- baseline file
@@ -95,14 +152,16 @@ def read_baseline(path: Path) -> dict[str, dict[str, Any]]:
         raise DataError(f"baseline {path} is not readable JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("schema") != BASELINE_SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else None
-        raise DataError(f"baseline {path}: schema {found!r} is not {BASELINE_SCHEMA!r}; regenerate it with --update")
+        raise DataError(f"baseline {path}: schema {found!r} is not {BASELINE_SCHEMA!r}; "
+                        "regenerate it with --update --replace")
     entries = data.get("entries")
     if not isinstance(entries, dict):
         raise DataError(f"baseline {path}: 'entries' must be a mapping of method/dataset/preset to entries")
     for key, entry in entries.items():
         missing = [f for f in ENTRY_FIELDS if not isinstance(entry, dict) or f not in entry]
         if missing:
-            raise DataError(f"baseline {path}: entry '{key}' lacks {', '.join(missing)}; regenerate it with --update")
+            raise DataError(f"baseline {path}: entry '{key}' lacks {', '.join(missing)}; "
+                            "regenerate it with --update --replace")
     return entries
 
 
@@ -191,7 +250,8 @@ def verdict_table(verdicts: list[Verdict]) -> str:
         before = v.baseline["mIoU"] if v.baseline else None
         after = v.now["mIoU"] if v.now else None
         delta = f"{after - before:+.2f}" if before is not None and after is not None else ""
-        rows.append([entry["method"], entry["dataset"], entry["protocol"], _fmt(before), _fmt(after), delta, v.status])
+        method = entry["method"] + (f"@{entry['variant']}" if entry.get("variant") else "")
+        rows.append([method, entry["dataset"], entry["protocol"], _fmt(before), _fmt(after), delta, v.status])
     return tabulate(rows, headers=["method", "dataset", "protocol", "baseline mIoU", "now mIoU", "delta", "status"],
                     disable_numparse=True)
 
@@ -220,11 +280,14 @@ def _check_tolerance(tolerance: float) -> float:
     return float(tolerance)
 
 
-def regress(results: Path, baseline: Path, *, tolerance: float) -> tuple[int, str]:
-    """Compare a results folder with a baseline file: (exit code, report text)."""
+def regress(results: Path, baseline: Path, *, tolerance: float, warn: Warn | None = None) -> tuple[int, str]:
+    """Compare a results folder with a baseline file: (exit code, report text).
+
+    ``warn`` gets the line about skipped JSON files (:func:`current_entries`).
+    """
     tolerance = _check_tolerance(tolerance)
     base = read_baseline(baseline)
-    now = current_entries(results)
+    now = current_entries(results, warn=warn)
     verdicts = [compare_entry(key, base.get(key), found=now.get(key), tolerance=tolerance) for key in sorted(set(base) | set(now))]
     mode = ("exact-counts mode (--tolerance 0): any change of the counts fails" if tolerance == 0
             else f"tolerance {tolerance:g} mIoU points")
@@ -240,19 +303,55 @@ def regress(results: Path, baseline: Path, *, tolerance: float) -> tuple[int, st
     return code, "\n".join(parts)
 
 
-def update(results: Path, baseline: Path) -> str:
-    """Rewrite ``baseline`` from every result under ``results``; returns the report text."""
-    entries = {key: entry for key, (_, entry) in current_entries(results).items()}
-    write_baseline(baseline, entries)
-    verdicts = [Verdict(k, None, e, None, "written", 0) for k, e in sorted(entries.items())]
-    return f"{verdict_table(verdicts)}\nwrote {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} to {baseline}"
+def update(results: Path, baseline: Path, *, replace: bool = False, warn: Warn | None = None) -> str:
+    """Write ``baseline`` from the results under ``results``; returns the report text.
+
+    Merges by default: an entry of the results replaces the baseline's entry of the same key,
+    the baseline's other entries stay (a CI job that reran two datasets must not drop the
+    others). ``replace=True`` writes the results' entries alone. A missing baseline is created;
+    an unreadable one is refused (:func:`read_baseline`) unless ``replace`` is set, since
+    merging into it would keep what cannot be checked.
+    """
+    now = {key: entry for key, (_, entry) in current_entries(results, warn=warn).items()}
+    old = {} if replace or not Path(baseline).exists() else read_baseline(baseline)
+    merged = {**old, **now}
+    write_baseline(baseline, merged)
+    verdicts = [Verdict(k, old.get(k), e, None, _update_status(old.get(k), e, replace), 0)
+                for k, e in sorted(now.items())]
+    kept = len(merged) - len(now)
+    how = ("rewritten from the results alone (--replace)" if replace
+           else f"{kept} other entr{'y' if kept == 1 else 'ies'} kept" if old else "created")
+    return (f"{verdict_table(verdicts)}\n"
+            f"wrote {len(merged)} entr{'y' if len(merged) == 1 else 'ies'} to {baseline}: {_tally(verdicts)}; {how}")
+
+
+def _update_status(old: dict[str, Any] | None, new: dict[str, Any], replace: bool) -> str:
+    if replace:
+        return "written"
+    if old is None:
+        return "added"
+    return "unchanged" if old == new else "replaced"
+
+
+def _tally(verdicts: list[Verdict]) -> str:
+    """``1 replaced, 1 added`` in the order statuses first appear."""
+    counts: dict[str, int] = {}
+    for v in verdicts:
+        counts[v.status] = counts.get(v.status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def _to_stderr(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr)
 
 
 def regress_command(args: argparse.Namespace) -> int:
     """``ovseg-bench regress``: exit 0 pass, 1 regression/change/missing, 2 not comparable or bad input."""
+    if getattr(args, "replace", False) and not args.update:
+        raise ConfigError("--replace only goes with --update (it rewrites the baseline from the results alone)")
     if args.update:
-        print(update(args.results, args.baseline))
+        print(update(args.results, args.baseline, replace=getattr(args, "replace", False), warn=_to_stderr))
         return 0
-    code, report = regress(args.results, args.baseline, tolerance=args.tolerance)
+    code, report = regress(args.results, args.baseline, tolerance=args.tolerance, warn=_to_stderr)
     print(report)
     return code

@@ -19,14 +19,17 @@ import argparse
 import dataclasses
 import hashlib
 import io
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .datasets.cards import ALL_BENCHMARKS
 from .errors import ConfigError, DataError
-from .results import image_ids_digest, read_result
+from .identity import method_variant
+from .results import image_ids_digest, read_result, skipped_note
 
 CI_LEVEL = 95.0
 CI_METHOD = "percentile bootstrap over images"
@@ -261,40 +264,65 @@ def check_pairable(a: LoadedResult, b: LoadedResult) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 def _collect(path: Path) -> dict[str, Path]:
-    """dataset name -> result file: the file itself, or every result file under a folder."""
-    if path.is_dir():
-        from .regress import find_results
+    """dataset name -> result file: the file itself, or every result file under a folder.
 
-        found: dict[str, Path] = {}
-        for file, result in find_results(path):
+    Folders are paired dataset by dataset, so each may hold one run per dataset; two (say the
+    shipped config and a variant) are refused, naming both. JSON files that are not result files
+    are skipped with one line on stderr.
+    """
+    if path.is_dir():
+        from .regress import find_results_with_skipped
+
+        found: dict[str, tuple[Path, dict[str, Any]]] = {}
+        results, skipped = find_results_with_skipped(path)
+        note = skipped_note(path, skipped)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        for file, result in results:
             name = result["dataset"]["name"]
             if name in found:
-                raise DataError(f"{path}: two results for dataset '{name}' ({found[name]}, {file}); "
-                                "compare folders with one result per dataset, or compare the two files")
-            found[name] = file
+                other, first = found[name]
+                raise DataError(f"{path}: two results for dataset '{name}' ({other}: {_label(first)}; {file}: "
+                                f"{_label(result)}); compare folders with one run per dataset, "
+                                "or compare the two files")
+            found[name] = (file, result)
         if not found:
             raise DataError(f"{path}: no result files found (searched recursively for *.json)")
-        return found
+        return {name: file for name, (file, _) in found.items()}
     if not path.is_file():
         raise DataError(f"{path}: no such result file or folder")
     return {read_result(path)["dataset"]["name"]: path}
+
+
+def dataset_order(names: list[str]) -> list[str]:
+    """``names`` in the benchmarks' order (``ALL_BENCHMARKS``), other datasets after, sorted."""
+    return [n for n in ALL_BENCHMARKS if n in names] + sorted(set(names) - set(ALL_BENCHMARKS))
 
 
 def _pairs(a_path: Path, b_path: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
     a, b = _collect(a_path), _collect(b_path)
     if a_path.is_file() and b_path.is_file():
         return [(next(iter(a.values())), next(iter(b.values())))], []
-    common = [name for name in a if name in b]
+    common = dataset_order([name for name in a if name in b])
     if not common:
-        raise DataError(f"{a_path} ({', '.join(a)}) and {b_path} ({', '.join(b)}) share no dataset")
-    notes = [f"only in A: {name}" for name in a if name not in b] + [f"only in B: {name}" for name in b if name not in a]
+        raise DataError(f"{a_path} ({', '.join(dataset_order(list(a)))}) and {b_path} "
+                        f"({', '.join(dataset_order(list(b)))}) share no dataset")
+    notes = ([f"only in A: {name}" for name in dataset_order([n for n in a if n not in b])]
+             + [f"only in B: {name}" for name in dataset_order([n for n in b if n not in a])])
     return [(a[name], b[name]) for name in common], notes
 
 
 def _label(result: dict[str, Any]) -> str:
+    """``clip``, ``clip@my_thresh`` (a config variant), plus a RANDOM WEIGHTS flag."""
     weights = result["method"].get("weights") or {}
+    variant = method_variant(result)
     random = " RANDOM WEIGHTS" if weights.get("random") else ""
-    return f"{result['method']['name']}{random}"
+    return f"{result['method']['name']}{f'@{variant}' if variant else ''}{random}"
+
+
+def _labels(results: list[dict[str, Any]]) -> str:
+    """The distinct runs of one side, in row order (a folder may mix methods or variants)."""
+    return ", ".join(dict.fromkeys(_label(r) for r in results))
 
 
 def _verdict(diff: PairedDifference) -> str:
@@ -322,8 +350,9 @@ def compare_command(args: argparse.Namespace) -> int:
         check_pairable(a, b)
         loaded.append((a, b, paired_bootstrap(a.counts, b.counts, resamples=resamples, seed=seed)))
     rows = [_row(a, b, d) for a, b, d in loaded]
-    first_a, first_b = loaded[0][0].result, loaded[0][1].result
-    print(f"A: {_label(first_a)} ({args.a})\nB: {_label(first_b)} ({args.b})\n"
+    first_a = loaded[0][0].result
+    print(f"A: {_labels([a.result for a, _, _ in loaded])} ({args.a})\n"
+          f"B: {_labels([b.result for _, b, _ in loaded])} ({args.b})\n"
           f"protocol {first_a['protocol']['preset']} ({first_a['protocol']['fingerprint'][:8]}); "
           f"paired {CI_METHOD}, {resamples} resamples, seed {seed}")
     print(tabulate(rows, headers=["dataset", "images", "mIoU A", "mIoU B", "B-A", "95% CI of B-A", "significant"],

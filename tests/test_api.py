@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -13,12 +15,13 @@ import pytest
 import ovseg_bench
 from ovseg_bench.api import load_results, weights_label
 from ovseg_bench.errors import DataError
+from ovseg_bench.identity import config_digest
 from tests.conftest import call_cli, result_jsons, run_argv
 
 # The documented columns, in order (README "Python API"); method settings follow as setting.<key>.
-COLUMNS = ["method", "architecture", "weights", "random", "dataset", "track", "protocol", "fingerprint",
-           "precision", "limit", "mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width",
-           "images_seen", "images_expected", "seconds", "images_per_s", "path"]
+COLUMNS = ["method", "variant", "config_sha256", "architecture", "weights", "random", "dataset", "track", "protocol",
+           "fingerprint", "precision", "limit", "mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high",
+           "mIoU_ci_half_width", "images_seen", "images_expected", "seconds", "images_per_s", "path"]
 
 
 def load(path: Path) -> dict:
@@ -100,9 +103,48 @@ def test_missing_path_unknown_schema_and_empty_folder(tmp_path):
         load_results(tmp_path / "nowhere")
     empty = load_results(tmp_path)
     assert isinstance(empty, pd.DataFrame) and empty.empty and list(empty.columns) == COLUMNS
-    (tmp_path / "x.json").write_text('{"schema": "something/else"}', encoding="utf-8")
-    with pytest.raises(DataError, match=r"x\.json.*something/else"):
+    (tmp_path / "x.json").write_text('{"schema": "ovseg-bench/result/v9"}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"x\.json.*ovseg-bench/result/v9"):
         load_results(tmp_path)
+    (tmp_path / "x.json").write_text('{"schema": "ovseg-bench/result/v1", ', encoding="utf-8")
+    with pytest.raises(DataError, match=r"x\.json: not a readable result file"):
+        load_results(tmp_path)
+    (tmp_path / "x.json").write_text('{"schema": "ovseg-bench/result/v1", "method": {}}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"x\.json: not a complete result file"):
+        load_results(tmp_path)
+
+
+def test_json_that_is_not_a_result_is_skipped_with_one_warning(runs, tmp_path):
+    folder = tmp_path / "runs"
+    shutil.copytree(runs, folder)
+    (folder / "notes.json").write_text('{"title": "my notes"}', encoding="utf-8")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "other.json").write_text('{"schema": "something/else"}', encoding="utf-8")
+    with pytest.warns(UserWarning) as caught:
+        frame = load_results(folder)
+    assert len(frame) == len(all_jsons(runs))
+    assert [str(w.message) for w in caught] == [
+        f"skipped 2 JSON file(s) that are not result files under {folder}: notes.json, sub/other.json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean folder warns nothing
+        load_results(runs)
+
+
+def test_variant_and_config_digest_columns(runs, tmp_path):
+    result = load(result_jsons(runs)[0])
+    frame = load_results(runs)
+    assert frame["variant"].isna().all()  # shipped configs
+    assert list(frame["config_sha256"]) == [config_digest(load(p)["method"]["config"]) for p in all_jsons(runs)]
+    older = json.loads(json.dumps(result))
+    older["method"].pop("variant", None)
+    older["method"].pop("config_sha256", None)
+    (tmp_path / "older.json").write_text(json.dumps(older), encoding="utf-8")
+    row = load_results(tmp_path / "older.json").iloc[0]  # written before the keys existed
+    assert row["variant"] is None and row["config_sha256"] == config_digest(result["method"]["config"])
+    result["method"].update(variant="my_thresh", config_sha256="ab" * 32)
+    (tmp_path / "older.json").write_text(json.dumps(result), encoding="utf-8")
+    row = load_results(tmp_path / "older.json").iloc[0]
+    assert (row["variant"], row["config_sha256"]) == ("my_thresh", "ab" * 32)
 
 
 def test_package_attribute_is_lazy():

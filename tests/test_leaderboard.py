@@ -15,6 +15,7 @@ import pytest
 from ovseg_bench import leaderboard
 from ovseg_bench.datasets.cards import ALL_BENCHMARKS
 from ovseg_bench.errors import ConfigError
+from ovseg_bench.identity import config_digest
 from tests.conftest import call_cli, result_jsons, run_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,6 +242,110 @@ def test_stale_generated_pages_are_removed_and_others_kept(results, tmp_path):
     assert (details / "notes.md").read_text(encoding="utf-8") == "# mine\n"
 
 
+# ----------------------------------------------------------------------------- distinct runs, skipped files
+
+def set_config(result: dict, **changes: object) -> dict:
+    """Change the recorded method config, and its recorded digest like the writer would."""
+    result["method"]["config"].update(changes)
+    if "config_sha256" in result["method"]:
+        result["method"]["config_sha256"] = config_digest(result["method"]["config"])
+    return result
+
+
+def full_tcl_section(markdown: str) -> str:
+    return next(body for title, body in sections(markdown).items()
+                if "protocol `tcl`" in title and "limit" not in title)
+
+
+def measured_rows(section: str, method: str) -> list[list[str]]:
+    """Cells of the measured rows of ``method`` (reported rows excluded)."""
+    lines = [line for line in section.splitlines()
+             if line.startswith(f"| {method} ") and " — reported " not in line]
+    return [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines]
+
+
+def test_runs_that_differ_only_in_config_variant_get_their_own_rows(results, tmp_path):
+    """The shipped config and two variants of tcl on voc: three rows; per-dataset knobs keep one run in one row."""
+    folder = subset(results, tmp_path / "results", "tcl__*.json")
+    for offset, path in enumerate(sorted((folder / "real").glob("tcl__*.json"))):
+        shipped = load(path)  # per-dataset knobs: the recorded config differs between datasets of one run
+        dump(set_config(shipped, prob_thd=round(0.1 * offset, 1)), path)
+    voc = load(next((folder / "real").glob("tcl__voc__*.json")))
+    for variant, miou in (("my_thresh", 60.0), ("cfg-1a2b3c4d", 61.0)):
+        run = set_config(json.loads(json.dumps(voc)), prob_thd=0.9)
+        run["method"]["variant"] = variant
+        run["metrics"]["mIoU"] = miou
+        dump(run, folder / "variants" / f"tcl@{variant}__voc.json")
+    code, _, stderr = render(folder, tmp_path / "out" / "README.md")
+    assert code == 0, stderr
+    text = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    header = table_row(full_tcl_section(text), "method")
+    rows = {row[0]: dict(zip(header, row)) for row in measured_rows(full_tcl_section(text), "tcl")}
+    assert sorted(rows) == ["tcl", "tcl · cfg-1a2b3c4d", "tcl · variant my_thresh"]
+    assert all(rows["tcl"][name].endswith("(+0.20)") for name in ALL_BENCHMARKS)  # one row for all eight
+    assert rows["tcl · variant my_thresh"]["voc"].startswith("[60.00 ± 0.62]")
+    assert rows["tcl · cfg-1a2b3c4d"]["voc"].startswith("[61.00 ± 0.62]")
+    assert "(+" not in rows["tcl · variant my_thresh"]["voc"]  # a variant is not the published method
+    assert "Results set aside" not in text
+
+
+def test_older_files_differing_only_in_config_are_both_shown(results, tmp_path):
+    """Without a recorded variant, two configs on one dataset are told apart by their digest."""
+    folder = subset(results, tmp_path / "results", "tcl__voc__*.json")
+    path = next((folder / "real").glob("tcl__voc__*.json"))
+    other = set_config(load(path), prob_thd=0.9)
+    other["method"].pop("variant", None)  # as written before variants were recorded
+    other["method"].pop("config_sha256", None)
+    other["metrics"]["mIoU"] = 60.0
+    dump(other, folder / "real" / "tcl__voc__other_config.json")
+    assert render(folder, tmp_path / "out" / "README.md")[0] == 0
+    text = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    rows = measured_rows(full_tcl_section(text), "tcl")
+    digests = sorted(config_digest(load(p)["method"]["config"])[:8]
+                     for p in (path, folder / "real" / "tcl__voc__other_config.json"))
+    assert sorted(row[0] for row in rows) == sorted(f"tcl · config {d}" for d in digests)
+    assert {row[3][:6] for row in rows} == {"[51.40", "[60.00"}  # voc is the first dataset column
+    assert "Results set aside" not in text
+
+
+def test_duplicates_of_one_run_are_counted_on_stderr(results, tmp_path):
+    folder = subset(results, tmp_path / "results", "tcl__voc__*.json")
+    kept = next((folder / "real").glob("tcl__voc__*.json"))
+    for name in ("a_rerun.json", "b_rerun.json"):
+        shutil.copy(kept, folder / "real" / name)
+    out = tmp_path / "out" / "README.md"
+    code, _, stderr = render(folder, out)
+    assert code == 0, stderr
+    line = next(line for line in stderr.splitlines() if "set aside" in line)
+    assert line.startswith("note: 2 result file(s) set aside as duplicates")
+    assert "real/a_rerun.json, real/b_rerun.json" in line and str(out) in line
+    aside = sections(out.read_text(encoding="utf-8"))["Results set aside"]
+    assert f"- `real/a_rerun.json` (shown: `real/{kept.name}`)" in aside
+
+
+def test_json_files_that_are_not_results_are_skipped_and_named(results, tmp_path):
+    folder = subset(results, tmp_path / "results", "tcl__voc__*.json")
+    dump({"comment": "my notes"}, folder / "notes.json")
+    dump({"schema": "someone/else/v1"}, folder / "sub" / "other.json")
+    code, stdout, stderr = render(folder, tmp_path / "README.md")
+    assert code == 0, stderr
+    assert "1 result(s)" in stdout
+    assert (f"note: skipped 2 JSON file(s) that are not result files under {folder}: notes.json, sub/other.json"
+            in stderr.splitlines())
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"schema": "ovseg-bench/result/v1", "method": {', "not a readable result file"),
+    ('{"schema": "ovseg-bench/result/v1", "method": {"name": "tcl"}}', "not a complete result file"),
+])
+def test_a_broken_result_file_still_fails_naming_it(results, tmp_path, text, problem):
+    folder = subset(results, tmp_path / "results", "tcl__voc__*.json")
+    (folder / "real" / "broken.json").write_text(text, encoding="utf-8")
+    code, _, stderr = render(folder, tmp_path / "README.md")
+    assert code == 2 and "broken.json" in stderr and problem in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "README.md").exists()
+
+
 # ----------------------------------------------------------------------------- errors and empty folders
 
 def test_unknown_schema_is_refused_naming_the_file(results, tmp_path):
@@ -278,10 +383,26 @@ def test_committed_leaderboard_is_up_to_date(tmp_path, monkeypatch):
     """leaderboard/README.md is what the documented command gives with no measured runs."""
     (tmp_path / "leaderboard" / "results").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert call_cli(["leaderboard", "--results", "leaderboard/results"])[0] == 0
+    assert call_cli(["leaderboard", "--results", "leaderboard/results", "--out", "leaderboard/README.md"])[0] == 0
     fresh = (tmp_path / "leaderboard" / "README.md").read_text(encoding="utf-8")
     assert fresh == (REPO / "leaderboard" / "README.md").read_text(encoding="utf-8"), (
-        "leaderboard/README.md is stale: run `ovseg-bench leaderboard --results leaderboard/results` in the repo")
+        "leaderboard/README.md is stale: run `ovseg-bench leaderboard --results leaderboard/results "
+        "--out leaderboard/README.md` in the repo")
+
+
+def test_without_out_the_tracked_leaderboard_is_left_alone(tmp_path, monkeypatch):
+    """The default --out is runs/leaderboard/README.md (ignored by git), details/ beside it."""
+    (tmp_path / "leaderboard").mkdir()
+    (tmp_path / "leaderboard" / "README.md").write_text("tracked\n", encoding="utf-8")
+    (tmp_path / "results").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = call_cli(["leaderboard", "--results", "results"])
+    assert code == 0, stderr
+    assert (tmp_path / "leaderboard" / "README.md").read_text(encoding="utf-8") == "tracked\n"
+    written = tmp_path / "runs" / "leaderboard" / "README.md"
+    assert "`tcl_paper`" in written.read_text(encoding="utf-8")
+    assert stdout.startswith("wrote runs/leaderboard/README.md: ") and "runs/leaderboard/details" in stdout
+    assert "--out runs/leaderboard/README.md" in written.read_text(encoding="utf-8").splitlines()[0]
 
 
 # ----------------------------------------------------------------------------- reported.yaml

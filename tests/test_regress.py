@@ -192,3 +192,85 @@ def test_a_baseline_beside_the_results_is_not_read_as_a_result(runs, tmp_path):
     assert code == 0, out + err
     code, _, err = regress(now, now / "baseline.json", "--update")
     assert code == 0 and read_baseline(now / "baseline.json") == read_baseline(runs["baseline"])
+
+
+def as_variant(path: Path, variant: str) -> None:
+    """Turn a result file into a run of a config variant (as the writer records it)."""
+    result = json.loads(path.read_text())
+    result["method"]["variant"] = variant
+    path.write_text(json.dumps(result))
+
+
+def test_update_merges_and_lists_what_it_replaced(runs, tmp_path):
+    baseline = tmp_path / "baseline.json"
+    shutil.copy(runs["baseline"], baseline)
+    now = tmp_path / "now"
+    files = copy_results(runs["base"], now)
+    files["voc20"].unlink()  # this job reran voc only
+
+    def nothing_right(counts):
+        counts["intersect"] = [0] * len(counts["intersect"])
+
+    edit_counts(files["voc"], nothing_right)
+    variant = now / "variant"
+    shutil.copytree(runs["limited"], variant)
+    for path in result_jsons(variant):
+        as_variant(path, "my_thresh")
+    code, out, err = regress(now, baseline, "--update")
+    assert code == 0, err
+    entries = read_baseline(baseline)
+    assert sorted(entries) == ["maskclip/voc/tcl", "maskclip/voc20/tcl", "maskclip@my_thresh/voc/tcl"]
+    assert entries["maskclip/voc20/tcl"] == read_baseline(runs["baseline"])["maskclip/voc20/tcl"]  # kept
+    assert entries["maskclip/voc/tcl"]["mIoU"] == 0.0
+    assert entries["maskclip@my_thresh/voc/tcl"]["variant"] == "my_thresh"
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines() if line.startswith("maskclip")}
+    assert rows["maskclip voc"].endswith("replaced") and rows["maskclip@my_thresh voc"].endswith("added")
+    assert "maskclip voc20" not in rows
+    assert "wrote 3 entries to" in out and "1 replaced, 1 added; 1 other entry kept" in out
+
+    code, out, err = regress(now, baseline, "--update", "--replace")
+    assert code == 0, err
+    assert sorted(read_baseline(baseline)) == ["maskclip/voc/tcl", "maskclip@my_thresh/voc/tcl"]
+    assert "rewritten from the results alone (--replace)" in out
+
+
+def test_update_creates_a_missing_baseline_and_refuses_replace_alone(runs, tmp_path):
+    code, out, err = regress(runs["base"], tmp_path / "new" / "baseline.json", "--update")
+    assert code == 0, err
+    assert "2 added; created" in out
+    assert (tmp_path / "new" / "baseline.json").read_bytes() == runs["baseline"].read_bytes()
+    code, _, err = regress(runs["base"], runs["baseline"], "--replace")
+    assert code == 2 and "--replace only goes with --update" in err
+
+
+def test_variants_are_compared_under_their_own_key(runs, tmp_path):
+    now = tmp_path / "now"
+    shutil.copytree(runs["base"], now)
+    shutil.copytree(runs["base"], now / "variant")  # same method and datasets, another config
+    for path in result_jsons(now / "variant"):
+        as_variant(path, "my_thresh")
+    code, out, _ = regress(now, runs["baseline"])
+    assert code == 0
+    assert sum(line.startswith("maskclip@my_thresh ") and line.endswith("new") for line in out.splitlines()) == 2
+
+
+def test_json_that_is_not_a_result_is_skipped_and_named(runs, tmp_path):
+    now = tmp_path / "now"
+    shutil.copytree(runs["base"], now)
+    (now / "notes.json").write_text('{"title": "why this run"}')
+    code, out, err = regress(now, runs["baseline"])
+    assert code == 0, out + err
+    assert f"note: skipped 1 JSON file(s) that are not result files under {now}: notes.json" in err.splitlines()
+    code, _, err = regress(now, tmp_path / "b.json", "--update")
+    assert code == 0 and "notes.json" in err
+
+
+def test_a_broken_result_file_fails_naming_it(runs, tmp_path):
+    now = tmp_path / "now"
+    shutil.copytree(runs["base"], now)
+    (now / "broken.json").write_text('{"schema": "ovseg-bench/result/v1", "method": {"name": "x"}}')
+    code, _, err = regress(now, runs["baseline"])
+    assert code == 2 and "broken.json" in err and "not a complete result file" in err
+    (now / "broken.json").write_text('{"schema": "ovseg-bench/result/v1", ')
+    code, _, err = regress(now, runs["baseline"])
+    assert code == 2 and "broken.json" in err and "not a readable result file" in err

@@ -204,3 +204,39 @@ def test_a_one_image_run_has_no_ci(synthetic_tree, tmp_path):
 def test_compare_rejects_a_bad_resample_count(two_methods):
     code, _, err = call_cli(["compare", two_methods["a"], two_methods["a"], "--resamples", "0"])
     assert code == 2 and "--resamples" in err
+
+
+def folder_of_datasets(source, folder, *, variant=None):
+    """Copies of one voc result (same sidecar) posing as other datasets; files named to sort alphabetically first."""
+    folder.mkdir()
+    for file in source.parent.iterdir():
+        shutil.copy(file, folder / file.name)
+    result = json.loads(source.read_text())
+    result["method"]["variant"] = variant
+    (folder / source.name).write_text(json.dumps(result))
+    for name, dataset in (("a_demo.json", "demo"), ("b_ade20k.json", "ade20k"), ("c_context.json", "context")):
+        result["dataset"]["name"] = dataset
+        (folder / name).write_text(json.dumps(result))
+    (folder / "notes.json").write_text('{"title": "not a result"}')
+    return folder
+
+
+def test_compare_folders_in_benchmark_order_and_names_variants(two_methods, tmp_path):
+    a = folder_of_datasets(two_methods["a"], tmp_path / "a")
+    b = folder_of_datasets(two_methods["b"], tmp_path / "b", variant="my_thresh")
+    code, out, err = call_cli(["compare", a, b, "--resamples", "50"])
+    assert code == 0, err
+    datasets = [line.split()[0] for line in out.splitlines()
+                if line.split() and line.split()[0] in ("voc", "context", "ade20k", "demo")]
+    assert datasets == ["voc", "context", "ade20k", "demo"]  # ALL_BENCHMARKS order, others after
+    assert "B: clip@my_thresh RANDOM WEIGHTS" in out and "A: maskclip RANDOM WEIGHTS" in out
+    assert f"note: skipped 1 JSON file(s) that are not result files under {a}: notes.json" in err
+
+
+def test_compare_refuses_two_runs_of_one_dataset_in_a_folder(two_methods, tmp_path):
+    a = folder_of_datasets(two_methods["a"], tmp_path / "a")
+    twin = json.loads(two_methods["a"].read_text())
+    twin["method"]["variant"] = "my_thresh"
+    (a / "z_twin.json").write_text(json.dumps(twin))
+    code, _, err = call_cli(["compare", a, two_methods["b"].parent])
+    assert code == 2 and "two results for dataset 'voc'" in err and "maskclip@my_thresh" in err
