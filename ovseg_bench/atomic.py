@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -28,3 +31,25 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """Write bytes (or UTF-8 text) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def check_writable(target: Path, *, option: str) -> None:
+    """Refuse, before any slow work, a folder ``target`` that cannot take a file.
+
+    A file is created and removed in ``target``, or in its nearest existing parent when it does
+    not exist yet (the writers create missing folders). A real write, not ``os.access``: an
+    immutable folder (``chattr +i``) or a read-only mount refuses root too. ``option`` names the
+    command-line option in the message (``--output runs``).
+    """
+    folder = Path(target)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{option}: {folder} is not a folder; pass a folder to write into")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ovseg-write-check-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{option}: cannot write in {folder} ({exc.strerror or exc}); "
+                          "pass a folder you can write to") from None

@@ -21,7 +21,10 @@ RUN_EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="ovseg-bench", description="Exact, reproducible zero-shot semantic segmentation benchmarks.")
+    parser.add_argument("--version", action="version", version=f"ovseg-bench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_predict(sub)
@@ -54,19 +57,23 @@ def _add_data(sub: Any) -> None:
 def _add_results_commands(sub: Any) -> None:
     board = sub.add_parser("leaderboard", help="render the markdown leaderboard from result files")
     board.add_argument("--results", type=Path, required=True, help="folder of result files (searched recursively)")
-    board.add_argument("--out", type=Path, default=Path("leaderboard/README.md"), help="markdown file to write")
+    board.add_argument("--out", type=Path, default=None,
+                       help="markdown file to write, details/ beside it (default: runs/leaderboard/README.md; "
+                            "the repository's leaderboard/README.md only when named)")
     board.add_argument("--reported", type=Path, default=None,
                        help="reported paper numbers (default: the shipped leaderboard/reported.yaml)")
     compare = sub.add_parser("compare", help="paired bootstrap between two results on the same images")
     compare.add_argument("a", type=Path, help="result JSON A")
     compare.add_argument("b", type=Path, help="result JSON B")
-    compare.add_argument("--resamples", type=int, default=1000)
-    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     regress = sub.add_parser("regress", help="CI gate: fail when mIoU drops beyond a tolerance against a baseline")
     regress.add_argument("--results", type=Path, required=True, help="folder of result files")
     regress.add_argument("--baseline", type=Path, required=True, help="baseline file (written by --update)")
     regress.add_argument("--tolerance", type=float, default=0.3, help="allowed mIoU drop in points (default 0.3)")
-    regress.add_argument("--update", action="store_true", help="rewrite the baseline from the results")
+    regress.add_argument("--update", action="store_true",
+                         help="merge the results into the baseline (entries of the same key are replaced and listed)")
+    regress.add_argument("--replace", action="store_true", help="with --update: rewrite the baseline from the results alone")
 
 
 def _add_predict(sub: Any) -> None:
@@ -78,14 +85,22 @@ def _add_predict(sub: Any) -> None:
     predict.add_argument("--classes", required=True,
                          help='comma-separated class names, | between synonyms, e.g. "cat|kitten,sofa,floor"; '
                               'a first class named background gets the method\'s background rule')
-    predict.add_argument("--out", type=Path, default=Path("overlay.png"))
+    predict.add_argument("--out", type=Path, default=Path("overlay.png"), help="overlay PNG (default: overlay.png)")
     predict.add_argument("--protocol", default="tcl", help="resize and window settings (default: tcl)")
-    predict.add_argument("--model", default=None)
-    predict.add_argument("--pretrained", default=None)
-    predict.add_argument("--checkpoint", type=Path, default=None)
-    predict.add_argument("--config", type=Path, default=None)
-    predict.add_argument("--device", default="auto")
-    predict.add_argument("--precision", default="fp32")
+    _add_weights_options(predict)
+    predict.add_argument("--config", type=Path, default=None,
+                         help="method config YAML (default: configs/methods/<method>.yaml)")
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    predict.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default: fp32)")
+
+
+def _add_weights_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="open_clip model name or model-config JSON path (default: the method config's)")
+    parser.add_argument("--pretrained", default=None,
+                        help="open_clip tag, weights file, or `none` for random weights (default: the method config's)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="method checkpoint file (default: the published one, downloaded and cached)")
 
 
 def _add_run(sub: Any) -> None:
@@ -97,27 +112,33 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--protocol", default="tcl", help="protocol preset (default: tcl)")
     run.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
     run.add_argument("--output", type=Path, default=Path("runs"), help="result folder (default: runs/)")
-    run.add_argument("--model", default=None, help="open_clip model name or model-config JSON path")
-    run.add_argument("--pretrained", default=None, help="open_clip tag, weights file, or `none` (random)")
-    run.add_argument("--checkpoint", type=Path, default=None, help="method checkpoint file")
-    run.add_argument("--config", type=Path, default=None, help="method config YAML (default: configs/methods/<method>.yaml)")
-    run.add_argument("--predictions", type=Path, default=None, help="label PNG folder for --method predictions")
+    _add_weights_options(run)
+    run.add_argument("--config", type=Path, default=None,
+                     help="method config YAML (default: configs/methods/<method>.yaml); its `name` must be the "
+                          "method's, or the file declares `variant_of: <method>` and a name of its own")
+    run.add_argument("--predictions", action="append", default=[], metavar="DIR|NAME=DIR",
+                     help="label PNG folder for --method predictions; several datasets: DIR/<dataset>/ or "
+                          "NAME=DIR per dataset (repeatable)")
+    run.add_argument("--predictions-out-of-range", default="error", choices=("error", "ignore"),
+                     help="prediction values outside the classes (not 255): error (default) or ignore, "
+                          "mmseg's drop, recorded in the result")
     run.add_argument("--batch-size", type=int, default=None,
                      help="windows per forward pass, across images (default: 16 on CUDA, 1 on CPU)")
     run.add_argument("--workers", type=int, default=None,
                      help="DataLoader workers for decode and resize (default: up to 4 on CUDA, 0 on CPU)")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto picks CUDA when present)")
-    run.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (autocast; part of the fingerprint)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto, which picks CUDA when present)")
+    run.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default: fp32; autocast; part of the fingerprint)")
     run.add_argument("--limit", type=int, default=None,
-                     help="first N images in listing order (quick CI mode; N and the rule are in the fingerprint)")
-    run.add_argument("--on-error", default="fail", choices=("fail", "skip"), help="skip unreadable images")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+                     help="first N images in listing order (default: all; quick CI mode; N and the rule are in the fingerprint)")
+    run.add_argument("--on-error", default="fail", choices=("fail", "skip"),
+                     help="fail (default) or skip unreadable images; skipped ones are counted and listed")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (where results go is still printed)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its saved state; skip datasets already done")
     run.add_argument("--save-predictions", action="store_true",
                      help="write label PNGs under OUTPUT/predictions/<method>/<dataset>/ (readable by --method predictions)")
     run.add_argument("--visualize", type=int, default=0, metavar="N",
-                     help="write image | ground truth | prediction panels for the first N images")
+                     help="write image | ground truth | prediction panels for the first N images (default: 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +169,9 @@ _DELEGATED = {
 }
 
 
+SKIPPED_SHOWN = 5  # skipped image ids printed on the console; the result file lists all
+
+
 def _delegate(args: argparse.Namespace) -> int:
     import importlib
 
@@ -164,14 +188,21 @@ def _run(args: argparse.Namespace) -> int:
     request = RunRequest(
         method=args.method, datasets=expand_datasets(args.dataset), protocol=args.protocol,
         data_root=args.data_root or default_data_root(), output=args.output,
-        weights=WeightsOptions(args.model, args.pretrained, args.checkpoint, args.predictions),
+        weights=WeightsOptions(args.model, args.pretrained, args.checkpoint, tuple(args.predictions),
+                               args.predictions_out_of_range),
         method_config=args.config, device=args.device, limit=args.limit, resume=args.resume,
         save_predictions=args.save_predictions, visualize=args.visualize,
         engine=EngineOptions(args.batch_size, args.workers, args.precision, args.on_error, args.quiet))
 
-    def report(result: dict[str, Any], path: Path) -> None:
-        if not args.quiet:
-            print(f"{result['dataset']['name']}: mIoU {result['metrics']['mIoU']:.2f} -> {path}", file=sys.stderr)
+    def report(result: dict[str, Any], path: Path, replaced: bool) -> None:
+        # Printed under --quiet too: where the results went is never a progress bar.
+        note = " (replaced the earlier result of this same run)" if replaced else ""
+        print(f"{result['dataset']['name']}: mIoU {result['metrics']['mIoU']:.2f} -> {path}{note}", file=sys.stderr)
+        skipped = result["images"]["skipped"]
+        if skipped:
+            shown = ", ".join(s["image_id"] for s in skipped[:SKIPPED_SHOWN]) + (", ..." if len(skipped) > SKIPPED_SHOWN else "")
+            print(f"{result['dataset']['name']}: {len(skipped)} image(s) skipped as unreadable (--on-error skip), "
+                  f"not scored: {shown}; all are listed under images.skipped in {path.name}", file=sys.stderr)
 
     results = run_plan(request, on_result=report)
     if results:  # under torchrun only rank 0 gets them; the other ranks stay quiet
@@ -192,7 +223,9 @@ def summary_table(results: list[dict[str, Any]]) -> str:
              f"({first['protocol']['fingerprint'][:8]}) | {first['protocol']['precision']} | "
              "mIoU ± half-width of its 95% bootstrap interval over images")
     if first["method"]["weights"].get("random"):
-        title += "\nRANDOM WEIGHTS (--pretrained none): numbers test the pipeline only and mean nothing"
+        from .methods.clip_model import RANDOM_WEIGHTS_NOTE
+
+        title += "\n" + RANDOM_WEIGHTS_NOTE
     table = tabulate(rows, headers=["dataset", "mIoU", "aAcc", "mAcc", "images"], floatfmt=".2f",
                      colalign=("left", "right"))
     return title + "\n" + table

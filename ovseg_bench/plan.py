@@ -24,7 +24,8 @@ from typing import Any, Callable
 import torch
 
 from .datasets.cards import ALL_BENCHMARKS, DatasetCard, load_card
-from .datasets.listing import SampleRef, list_samples
+from .datasets.listing import SampleRef, list_samples, require_datasets
+from .atomic import check_writable
 from .engine import distributed
 from .engine.distributed import Ranks
 from .engine.protocol import PRECISIONS, ProtocolPreset, fingerprint, image_rule, load_protocol
@@ -32,10 +33,12 @@ from .engine.runner import (EngineOptions, Evaluation, Work, autocast_context, e
                             resolve_device, resolve_save_every, save_partial)
 from .errors import ConfigError, DataError, TrackError
 from .methods.base import Method, WeightsOptions
+from .identity import config_digest
 from .registry import get_method
-from .results import SCHEMA, environment, image_ids_digest, metrics_block, read_result, result_stem, write_result
+from .results import SCHEMA, ResultKey, environment, image_ids_digest, metrics_block, read_result, run_digest, write_result
 
-ResultCallback = Callable[[dict[str, Any], Path], None]
+# on_result(result, path, replaced): replaced = an earlier result of the very same run was overwritten.
+ResultCallback = Callable[[dict[str, Any], Path, bool], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +76,13 @@ def default_data_root() -> Path:
 
 
 def expand_datasets(names: list[str]) -> tuple[str, ...]:
-    """``all`` -> the eight benchmarks in order; commas split; duplicates dropped, order kept."""
+    """``all`` -> the eight benchmarks in order; commas split, spaces around names dropped;
+    duplicates dropped, order kept (names differing in case are resolved, then deduplicated, by
+    :func:`run_plan`)."""
     expanded: list[str] = []
     for item in names:
-        for name in filter(None, item.split(",")):
-            expanded.extend(ALL_BENCHMARKS if name == "all" else [name])
+        for name in filter(None, (part.strip() for part in item.split(","))):
+            expanded.extend(ALL_BENCHMARKS if name.lower() == "all" else [name])
     return tuple(dict.fromkeys(expanded))
 
 
@@ -87,8 +92,10 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
     Under torchrun only rank 0 returns them (and calls ``on_result``); other ranks return [].
     """
     _validate(request)
+    check_writable(request.output, option=f"--output {request.output}")  # before any weights load
     preset = load_protocol(request.protocol)
-    cards = [load_card(name) for name in request.datasets]  # unknown names fail before any work
+    cards = _unique_cards(request.datasets)  # unknown names fail before any work
+    names = tuple(card.name for card in cards)
     method_cls = get_method(request.method)
     for card in cards:
         if card.track not in method_cls.tracks:
@@ -96,46 +103,65 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
                              f"dataset '{card.name}' is a '{card.track}' benchmark")
     device = resolve_device(request.device)
     autocast_context(device, request.engine.precision)  # refuse fp16 on the CPU before loading weights
-    listed = [_listed_samples(card, request) for card in cards]  # a missing later dataset fails up front
+    require_datasets(cards, request.data_root)  # every missing dataset named at once, before any work
+    listed = [_listed_samples(card, request) for card in cards]
     ranks, device = distributed.init(device)
     try:
         engine = request.engine.for_device(device)
         engine = engine if ranks.main else dataclasses.replace(engine, quiet=True)
         with distributed.main_first(ranks):  # one download into the shared cache
             method = method_cls(request.weights, device, request.method_config)
+        method.check_datasets(names)
         fp = fingerprint(preset, precision=request.engine.precision, limit=request.limit)
         job = _Job(request, preset, method, engine, device, fp, ranks)
         results = []
         for card, samples in zip(cards, listed):
-            result, path = _run_dataset(job, card, samples)
+            result, path, replaced = _run_dataset(job, card, samples)
             if ranks.main:
                 results.append(result)
                 if on_result:
-                    on_result(result, path)
+                    on_result(result, path, replaced)
         return results
     finally:
         distributed.shutdown(ranks)
 
 
-def _run_dataset(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> tuple[dict[str, Any], Path]:
+def _unique_cards(datasets: tuple[str, ...]) -> list[DatasetCard]:
+    """The cards of ``datasets`` (names resolved: ``VOC`` is voc), each once, in order."""
+    cards: dict[str, DatasetCard] = {}
+    for name in datasets:
+        card = load_card(name)
+        cards.setdefault(card.name, card)
+    return list(cards.values())
+
+
+def _run_dataset(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> tuple[dict[str, Any], Path, bool]:
     """Evaluate one dataset (or take its finished result under resume); rank 0 writes it."""
     request, ranks = job.request, job.ranks
-    stem = result_stem(request.method, card.name, request.protocol, job.fingerprint)
+    stem = result_key(job, card).stem
     if request.resume:
         finished = ranks.broadcast(_finished_result(job, card, samples, stem) if ranks.main else None)
         if finished is not None:
             _remove_partials(job, stem)
-            return finished
+            return (*finished, False)
     evaluation = distributed.combine(_evaluate(job, card, samples, stem), ranks)
     _require_scored(card.name, evaluation, len(samples))
     result, path = {}, request.output / f"{stem}.json"
+    replaced = path.is_file()
     if ranks.main:
         settings = job.preset.settings_for(card.name)
         result = _result(job, card, settings, evaluation, len(samples))
         path = write_result(result, request.output, evaluation.counts.per_image.numpy(), evaluation.image_ids)
     ranks.barrier()  # the result is on disk before any rank drops its saved state
     _remove_partials(job, stem)
-    return result, path
+    return result, path, replaced
+
+
+def result_key(job: _Job, card: DatasetCard) -> ResultKey:
+    """The key (file name) of this run's result on ``card``; equal to ``ResultKey.of`` its result."""
+    method = job.method
+    return ResultKey(job.request.method, method.variant, card.name, job.request.protocol, job.fingerprint,
+                     run_digest(_plain(method.weights()), _plain(method.settings(card.name))))
 
 
 def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str) -> Evaluation:
@@ -256,15 +282,15 @@ def _validate(request: RunRequest) -> None:
     if request.engine.precision not in PRECISIONS:
         raise ConfigError(f"--precision '{request.engine.precision}' is not one of {PRECISIONS}")
     batch, workers = request.engine.batch_size, request.engine.workers
-    if (batch is not None and batch < 1) or (workers is not None and workers < 0):
-        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    if batch is not None and batch < 1:
+        raise ConfigError(f"--batch-size {batch}: must be at least 1 window per forward pass")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers {workers}: must be 0 (decode in the main process) or more")
     resolve_save_every(request.engine.save_every)
     if request.limit is not None and request.limit < 1:
         raise ConfigError("--limit must be a positive number of images")
     if request.visualize < 0:
         raise ConfigError("--visualize must be a number of images >= 0")
-    if request.output.exists() and not request.output.is_dir():
-        raise ConfigError(f"--output {request.output} exists and is not a folder; pass a folder for the result files")
 
 
 def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation, num_listed: int) -> dict[str, Any]:
@@ -272,9 +298,11 @@ def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation,
     counts = evaluation.counts
     totals = {key: value.tolist() for key, value in counts.totals.items()}
     seconds = evaluation.seconds
+    config = _plain(method.settings(card.name))
     return {
         "schema": SCHEMA,
-        "method": {"name": request.method, "config": method.settings(card.name), "weights": method.weights()},
+        "method": {"name": request.method, "variant": method.variant, "config": config,
+                   "config_sha256": config_digest(config), "weights": _plain(method.weights())},
         "dataset": {"name": card.name, "title": card.title, "split": card.split, "track": card.track,
                     "card_version": card.card_version, "num_classes": card.num_classes,
                     "classes": list(card.class_names()), "classnames": settings.classnames,

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Sequence
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +76,25 @@ def read_gt(path: Path, reduce_zero_label: bool) -> np.ndarray:
         gt = gt.astype(np.int64)
         gt = np.where(gt == 0, 255, np.where(gt == 255, 255, gt - 1)).astype(np.uint8)
     return gt
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """``folder`` made unwritable for real: immutable for root (``chattr +i``), else read-only mode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.fail("as root an unwritable folder needs `chattr +i` (e2fsprogs) on a file system that supports it")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

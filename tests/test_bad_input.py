@@ -123,7 +123,8 @@ def zero_predictions(root: Path, dataset: str, folder: Path) -> Path:
 
 def test_missing_data_root(tmp_path):
     gone, out = tmp_path / "nowhere", tmp_path / "runs"
-    expect_user_error(maskclip("voc", gone, out), out, str(gone), "data root", "not found", "--data-root")
+    expect_user_error(maskclip("voc", gone, out), out, str(gone), "data root", "does not exist", "--data-root",
+                      "$OVSEG_DATA", "./data")
 
 
 def test_missing_split_file(voc):
@@ -135,8 +136,8 @@ def test_missing_split_file(voc):
 
 def test_missing_dataset_folder(voc):
     root, _, _, out = voc
-    expect_user_error(maskclip("ade20k", root, out), out, str(root / "ade" / "ADEChallengeData2016"),
-                      "dataset folder", "not found")
+    expect_user_error(maskclip("ade20k", root, out), out, f"ade20k (expected {root / 'ade' / 'ADEChallengeData2016'})",
+                      "datasets not found", "data prepare ade20k")
 
 
 def test_missing_folder_of_a_later_dataset_writes_no_result(voc):

@@ -13,6 +13,8 @@ import pytest
 
 from ovseg_bench.datasets.cards import ALL_BENCHMARKS, load_card
 from ovseg_bench.datasets.listing import list_samples
+from ovseg_bench.identity import config_digest
+from ovseg_bench.results import run_digest
 from tests.conftest import call_cli, read_gt, result_jsons, run_argv
 
 NUM_CLASSES = {"voc": 21, "voc20": 20, "context": 60, "context59": 59, "coco_stuff": 171,
@@ -116,7 +118,10 @@ def test_maskclip_all_result_file(maskclip_all, dataset):
 
     assert result["schema"] == "ovseg-bench/result/v1"
     assert list(result)[:4] == ["schema", "method", "dataset", "protocol"]
-    assert path.name == f"maskclip__{dataset}__tcl__{result['protocol']['fingerprint'][:8]}.json"
+    run = run_digest(result["method"]["weights"], result["method"]["config"])
+    assert path.name == f"maskclip__{dataset}__tcl__{result['protocol']['fingerprint'][:8]}__{run[:8]}.json"
+    assert result["method"]["variant"] is None
+    assert result["method"]["config_sha256"] == config_digest(result["method"]["config"])
     assert result["method"]["name"] == "maskclip"
     assert result["method"]["weights"]["random"] is True
     assert result["method"]["weights"]["pretrained"] == "none"

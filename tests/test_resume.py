@@ -24,7 +24,7 @@ from ovseg_bench.engine.protocol import LIMIT_RULE, fingerprint, image_rule, loa
 from ovseg_bench.engine.runner import PARTIAL_FORMAT, SAVE_EVERY_ENV, resolve_save_every
 from ovseg_bench.errors import ConfigError
 from ovseg_bench.resources import configs_dir
-from ovseg_bench.results import image_ids_digest, result_stem
+from ovseg_bench.results import ResultKey, image_ids_digest, run_digest
 from tests.conftest import TINY_MODEL, call_cli, result_jsons
 from tests.synthetic import write_dataset
 
@@ -32,7 +32,18 @@ NUM_IMAGES = 12
 SAVE_EVERY = 2
 SIZES = ((48, 64), (56, 56))  # 2 and 1 tcl windows: a quick loop
 FULL_FP = fingerprint(load_protocol("tcl"), precision="fp32", limit=None)
-STEM = result_stem("clip", "voc", "tcl", FULL_FP)
+
+
+def clip9_stem(config: Path, fp: str) -> str:
+    """The result stem of ``argv``'s run, from the method's own identity (as plan.result_key)."""
+    import torch
+
+    from ovseg_bench.methods.base import WeightsOptions
+    from ovseg_bench.registry import get_method
+
+    method = get_method("clip")(WeightsOptions(model=TINY_MODEL, pretrained="none"), torch.device("cpu"), config)
+    config_block = json.loads(json.dumps(method.settings("voc")))
+    return ResultKey("clip", method.variant, "voc", "tcl", fp, run_digest(method.weights(), config_block)).stem
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -53,6 +64,11 @@ def clip9(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def stem(clip9) -> str:
+    return clip9_stem(clip9, FULL_FP)
+
+
 def argv(root: Path, out: Path, config: Path, *extra: str, quiet: bool = True) -> list[str]:
     args = ["run", "--method", "clip", "--dataset", "voc", "--data-root", str(root), "--output", str(out),
             "--model", TINY_MODEL, "--pretrained", "none", "--config", str(config),
@@ -65,9 +81,9 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, SAVE_EVERY_ENV: str(SAVE_EVERY), "OMP_NUM_THREADS": "1"}
 
 
-def kill_at_first_state(args: list[str], out: Path, timeout: float = 120.0) -> Path:
+def kill_at_first_state(args: list[str], out: Path, stem: str, timeout: float = 120.0) -> Path:
     """Start ``ovseg-bench run`` in a subprocess, SIGKILL it once it has saved a state; the state path."""
-    partial = out / f"{STEM}.partial.pt"
+    partial = out / f"{stem}.partial.pt"
     log = out.parent / f"{out.name}.stderr"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "ovseg_bench", *args], env=subprocess_env(),
@@ -100,21 +116,21 @@ def sidecar(result_path: Path) -> tuple[np.ndarray, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(voc12, clip9, tmp_path_factory) -> Path:
+def uninterrupted(voc12, clip9, stem, tmp_path_factory) -> Path:
     root, _ = voc12
     out = tmp_path_factory.mktemp("uninterrupted")
     code, _, stderr = call_cli(argv(root, out, clip9))
     assert code == 0, stderr
-    return out / f"{STEM}.json"
+    return out / f"{stem}.json"
 
 
 @pytest.fixture(scope="module")
-def killed(voc12, clip9, tmp_path_factory) -> dict:
+def killed(voc12, clip9, stem, tmp_path_factory) -> dict:
     """A run killed after its first saved state; a copy of that state is kept for the refusal tests."""
     root, ids = voc12
     out = tmp_path_factory.mktemp("killed")
-    partial = kill_at_first_state(argv(root, out, clip9), out)
-    assert not (out / f"{STEM}.json").exists(), "the run finished before the kill; nothing to resume"
+    partial = kill_at_first_state(argv(root, out, clip9), out, stem)
+    assert not (out / f"{stem}.json").exists(), "the run finished before the kill; nothing to resume"
     copy = tmp_path_factory.mktemp("saved_state") / partial.name
     shutil.copy(partial, copy)
     return {"root": root, "ids": ids, "out": out, "partial": partial, "copy": copy}
@@ -136,7 +152,7 @@ def test_saved_state_is_plain_and_holds_the_first_images(killed):
     assert identity["listed"] == NUM_IMAGES
 
 
-def test_killed_then_resumed_equals_uninterrupted(killed, clip9, uninterrupted):
+def test_killed_then_resumed_equals_uninterrupted(killed, clip9, stem, uninterrupted):
     out = killed["out"]
     done = len(torch.load(killed["partial"], weights_only=True)["processed_ids"])
     args = argv(killed["root"], out, clip9, "--resume", quiet=False)
@@ -146,7 +162,7 @@ def test_killed_then_resumed_equals_uninterrupted(killed, clip9, uninterrupted):
     # The bar starts at the saved images: the run continued, it did not start again.
     assert f" {done}/{NUM_IMAGES} " in resumed.stderr and f" 0/{NUM_IMAGES} " not in resumed.stderr
 
-    path = out / f"{STEM}.json"
+    path = out / f"{stem}.json"
     got, want = load_json(path), load_json(uninterrupted)
     assert got["counts"] == want["counts"]
     assert got["metrics"] == want["metrics"]
@@ -157,7 +173,7 @@ def test_killed_then_resumed_equals_uninterrupted(killed, clip9, uninterrupted):
     assert got_rows.dtype == np.int64 and np.array_equal(got_rows, want_rows)
     assert got["timing"]["save_every"] == SAVE_EVERY
     # The state goes with the result; no temporary file is left behind.
-    assert sorted(p.name for p in out.iterdir()) == [f"{STEM}.json", f"{STEM}.per_image.npz"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.json", f"{stem}.per_image.npz"]
 
 
 def test_resume_skips_a_finished_dataset(killed, clip9, uninterrupted, monkeypatch):
@@ -204,10 +220,10 @@ def test_resume_refuses_a_state_of_other_settings(killed, clip9, tmp_path, monke
     assert result_jsons(out) == []
 
 
-def test_resume_refuses_states_of_another_process_count(voc12, clip9, tmp_path):
+def test_resume_refuses_states_of_another_process_count(voc12, clip9, stem, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / f"{STEM}.partial.rank1-of-2.pt").write_bytes(b"x")
+    (out / f"{stem}.partial.rank1-of-2.pt").write_bytes(b"x")
     code, _, stderr = call_cli(argv(voc12[0], out, clip9, "--resume"))
     assert code == 2 and "another number of processes" in stderr and "rank1-of-2" in stderr
 
@@ -217,7 +233,7 @@ def test_resume_refuses_states_of_another_process_count(voc12, clip9, tmp_path):
 def test_limit_run_replaces_a_stale_state_and_records_its_images(voc12, clip9, tmp_path):
     root, ids = voc12
     limited_fp = fingerprint(load_protocol("tcl"), precision="fp32", limit=4)
-    stem = result_stem("clip", "voc", "tcl", limited_fp)
+    stem = clip9_stem(clip9, limited_fp)
     stale = tmp_path / f"{stem}.partial.pt"
     stale.write_bytes(b"not a state")
 

@@ -330,7 +330,7 @@ class _Loop:
             self._handle_error(sample)
             return
         if isinstance(self.method, LabelMethod):
-            labels = self.method.labels_for(sample.image_id, tuple(sample.gt.shape))
+            labels = self.method.labels_for(sample.image_id, tuple(sample.gt.shape), self.info)
             self._score(sample, torch.from_numpy(labels).to(self.device).long())
             return
         image = self.method.normalisation.apply(sample.image[None].to(self.device))[0]

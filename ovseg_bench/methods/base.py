@@ -51,15 +51,21 @@ class WeightsOptions:
     model: str | None = None
     pretrained: str | None = None
     checkpoint: Path | None = None
-    predictions: Path | None = None
+    predictions: tuple[str, ...] = ()       # --predictions DIR | NAME=DIR (methods/predictions.py)
+    predictions_out_of_range: str = "error"  # or "ignore": mmseg's drop
 
 
 class Method(abc.ABC):
-    """Base of every adapter. Subclasses declare ``name``, ``tracks`` and ``normalisation``."""
+    """Base of every adapter. Subclasses declare ``name``, ``tracks`` and ``normalisation``.
+
+    ``variant`` is None when the method runs with its shipped config, else the name of the
+    ``--config`` variant (:func:`config_variant`); results and tables tell variants apart by it.
+    """
 
     name: ClassVar[str]
     tracks: ClassVar[tuple[str, ...]] = ("semantic",)
     normalisation: Normalisation | None = None
+    variant: str | None = None
 
     def settings(self, dataset: str) -> dict[str, Any]:
         """Every effective setting for ``dataset``, recorded in the result file."""
@@ -68,6 +74,9 @@ class Method(abc.ABC):
     def weights(self) -> dict[str, Any]:
         """Identity of the weights: architecture, tag or file, and whether they are random."""
         return {"random": False}
+
+    def check_datasets(self, datasets: tuple[str, ...]) -> None:
+        """Refuse, before any image is read, datasets this method cannot serve (its inputs for them)."""
 
 
 class WindowMethod(Method):
@@ -91,8 +100,8 @@ class LabelMethod(Method):
     """A method that already has label maps (no model): the engine only scores them."""
 
     @abc.abstractmethod
-    def labels_for(self, image_id: str, shape: tuple[int, int]) -> np.ndarray:
-        """[H,W] integer labels of image ``image_id``, which must have the GT ``shape``."""
+    def labels_for(self, image_id: str, shape: tuple[int, int], info: DatasetInfo) -> np.ndarray:
+        """[H,W] integer labels of image ``image_id`` of dataset ``info``, which must have the GT ``shape``."""
 
 
 def register_config_variants(adapter: type, names: tuple[str, ...], load_config: Callable[..., Any]) -> None:
@@ -112,6 +121,40 @@ def register_config_variants(adapter: type, names: tuple[str, ...], load_config:
 
 def _bound_init(adapter: type, name: str, load_config: Callable[..., Any]) -> Callable[..., None]:
     def __init__(self: Any, weights: WeightsOptions, device: torch.device, config_path: Path | None = None) -> None:
-        adapter.__init__(self, load_config(name, config_path), weights, device)
+        config = load_config(name, config_path)
+        if config_path is not None:
+            check_config_owner(name, config, config_path)
+        adapter.__init__(self, config, weights, device)
+        self.variant = None if config_path is None else config_variant(name, config, load_config(name, None))
 
     return __init__
+
+
+def check_config_owner(method: str, config: Any, path: Path) -> None:
+    """Refuse a ``--config`` written for another method (its ``name``), unless it declares
+    ``variant_of: <method>``; a variant may not take the name of another registered method."""
+    from ..errors import ConfigError
+    from ..registry import method_names
+
+    declared = getattr(config, "variant_of", None)
+    if declared is not None and declared != method:
+        raise ConfigError(f"{path}: declares itself a variant of '{declared}', not of '{method}'; "
+                          f"run it with --method {declared}")
+    if declared is None and config.name != method:
+        raise ConfigError(f"{path}: this config is for method '{config.name}', not '{method}'; run --method "
+                          f"{config.name}, or make the file a variant of {method} with `variant_of: {method}` "
+                          "and a name of its own")
+    if declared is not None and config.name != method and config.name in method_names():
+        raise ConfigError(f"{path}: variant name '{config.name}' is another registered method; "
+                          "give the variant a name of its own")
+
+
+def config_variant(method: str, config: Any, shipped: Any) -> str | None:
+    """None for the shipped config; else the variant's own name, else ``cfg-<sha256[:8]>`` of its values."""
+    from ..identity import config_digest
+
+    if config == shipped:
+        return None
+    if config.name != method:
+        return str(config.name)
+    return "cfg-" + config_digest(dataclasses.asdict(config))[:8]

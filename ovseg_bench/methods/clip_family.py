@@ -49,6 +49,7 @@ class ClipFamilyConfig:
     name: str
     attention: str
     paper: str
+    variant_of: str | None = None  # a --config file named after itself, run as a variant of this method
     model: str = "ViT-B-16"
     pretrained: str = "openai"
     normalisation: str = "clip"
@@ -103,7 +104,8 @@ class ClipFamily(WindowMethod):
 
     def settings(self, dataset: str) -> dict[str, Any]:
         cfg = dataclasses.asdict(self.config)
-        for key in ("per_dataset", "model", "pretrained"):  # weights() records the ones actually used
+        # weights() records the weights actually used, and the result the variant (Method.variant).
+        for key in ("per_dataset", "model", "pretrained", "variant_of"):
             cfg.pop(key)
         cfg.update({key: self.config.knob(key, dataset) for key in PER_DATASET_KEYS})
         cfg["pamr_settings"] = PAMR_SETTINGS.get(self.config.pamr)
