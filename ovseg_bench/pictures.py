@@ -7,7 +7,8 @@ Three outputs, none of which touches a metric:
 - ``run --save-predictions``: ``OUTPUT/predictions/<method>/<dataset>/<image_id>.png``, 8-bit 'L'
   PNGs of the labels at GT size, exactly what ``--method predictions`` reads back.
 - ``run --visualize N``: ``OUTPUT/visualize/<method>__<dataset>/<image_id, '/' -> '__'>.png``
-  for the first N images of the split (:func:`render_panel`).
+  for the first N images of the split, with a legend of the card's classes found in the GT or
+  the prediction (:func:`render_panel`).
 
 Colours are fixed: class k takes the PASCAL VOC bit-palette colour of index k + 1 (so no class
 is black or white), and ignored GT pixels (255) are white.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -24,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ConfigError, DataError
-from .atomic import atomic_path
+from .atomic import atomic_path, check_writable
 
 if TYPE_CHECKING:
     from .methods.base import WeightsOptions
@@ -129,16 +131,21 @@ def _legend(entries: list[tuple[np.ndarray, str]], width: int, font: Any) -> Ima
 
 # ----------------------------------------------------------------------------- panels
 
-def render_panel(rgb: np.ndarray, gt: np.ndarray, labels: np.ndarray, caption: str) -> Image.Image:
-    """image | ground truth | prediction side by side (3W wide) above a two-line caption.
+def render_panel(rgb: np.ndarray, gt: np.ndarray, labels: np.ndarray, caption: str, *,
+                 names: Sequence[str]) -> Image.Image:
+    """image | ground truth | prediction side by side above a two-line caption and a legend.
 
     ``gt`` and ``labels`` are HxW class indices with the image's size; 255 (ignore) is white.
+    ``names`` are the card's class names, label k is ``names[k]``. The panel is 3W wide (wider
+    only if one legend entry would not fit) and H + caption + legend pixels high.
     """
     height, width = rgb.shape[:2]
     font = _font(_font_size(width, height))
     ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (11, 2)
     line = ascent + descent + 4
-    panel = Image.new("RGB", (3 * width, height + 2 * line + 4), CAPTION_BACKGROUND)
+    legend = _legend(panel_entries(gt, labels, names), 3 * width, font)
+    legend_top = height + 2 * line + 4
+    panel = Image.new("RGB", (max(3 * width, legend.width), legend_top + legend.height), CAPTION_BACKGROUND)
     for column, picture in enumerate((rgb, colourise(gt), colourise(labels))):
         panel.paste(Image.fromarray(np.ascontiguousarray(picture), "RGB"), (column * width, 0))
     draw = ImageDraw.Draw(panel)
@@ -148,7 +155,25 @@ def render_panel(rgb: np.ndarray, gt: np.ndarray, labels: np.ndarray, caption: s
     for column, title in enumerate(titles):
         draw.text((column * width + 4, height + 2), title, fill="black", font=font)
     draw.text((4, height + 2 + line), caption, fill="black", font=font)
+    panel.paste(legend, (0, legend_top))
     return panel
+
+
+def panel_entries(gt: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> list[tuple[np.ndarray, str]]:
+    """The panel legend: (colour, name) of every value in the GT or the prediction, by index.
+
+    Sorted by value, so 255 (ignored GT, white) comes last, and the same maps give the same legend.
+    """
+    values = np.union1d(np.asarray(gt).ravel(), np.asarray(labels).ravel()).tolist()
+    return [(palette()[value], _value_name(value, names)) for value in values]
+
+
+def _value_name(value: int, names: Sequence[str]) -> str:
+    if value == IGNORE:
+        return "ignored"
+    # A GT value beyond the card's classes is dropped by the metric (engine/metrics.py) but still
+    # coloured in the panel, so it is named rather than left unexplained.
+    return names[value] if value < len(names) else f"{value}: not a class"
 
 
 class _PictureWriter:
@@ -157,6 +182,7 @@ class _PictureWriter:
     def __init__(self, output: Path, method: str, card: Any, samples: list[Any], *,
                  save_predictions: bool, visualize: int):
         self.method, self.dataset, self.samples = method, card.name, samples
+        self.names = card.class_names()
         self.labels_dir = Path(output) / "predictions" / method / card.name if save_predictions else None
         self.panels_dir = Path(output) / "visualize" / f"{method}__{card.name}"
         self.visualize = visualize
@@ -172,7 +198,7 @@ class _PictureWriter:
         if wanted:
             rgb = read_image(self.samples[index].image_path)[:, :, ::-1]
             caption = f"{self.method} | {self.dataset} | {image_id}"
-            panel = render_panel(rgb, gt.cpu().numpy(), label_map, caption)
+            panel = render_panel(rgb, gt.cpu().numpy(), label_map, caption, names=self.names)
             save_png(panel, self.panels_dir / f"{image_id.replace('/', '__')}.png")
 
 
@@ -269,6 +295,7 @@ class Prediction:
     names: tuple[str, ...]
     shares: tuple[float, ...]    # fraction of the image's pixels per class, in class order
     labels: np.ndarray           # HxW uint8 class indices at the image's size
+    weights: dict[str, Any]      # the method's weights record (Method.weights), with its random flag
 
 
 def predict(request: PredictRequest) -> Prediction:
@@ -302,14 +329,17 @@ def predict(request: PredictRequest) -> Prediction:
     labels = _as_uint8_labels(labels)
     names = tuple(synonyms[0] for synonyms in request.classes)
     save_png(render_overlay(bgr[:, :, ::-1], labels, names), request.out)
-    return Prediction(request.out, names, tuple(class_shares(labels, len(names)).tolist()), labels)
+    return Prediction(request.out, names, tuple(class_shares(labels, len(names)).tolist()), labels,
+                      method.weights())
 
 
 def _check_out(out: Path) -> None:
+    """Refuse an overlay path that cannot be written, before the (slow) model load."""
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name such as {out / 'overlay.png'}")
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the overlay is written as PNG; give a file name ending in .png")
+    check_writable(Path(out).absolute().parent, option=f"--out {out}")
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -323,6 +353,10 @@ def predict_command(args: argparse.Namespace) -> int:
         protocol=args.protocol, weights=WeightsOptions(args.model, args.pretrained, args.checkpoint),
         method_config=args.config, device=args.device, precision=args.precision)
     result = predict(request)
+    if result.weights.get("random"):
+        from .methods.clip_model import RANDOM_WEIGHTS_NOTE
+
+        print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
     height, width = result.labels.shape
     print(f"{result.path} ({width}x{height} image, overlay with legend)")
     rows = [[name, format_share(share)] for name, share in zip(result.names, result.shares)]

@@ -16,9 +16,9 @@ from PIL import Image
 from ovseg_bench.datasets.cards import load_card
 from ovseg_bench.datasets.listing import list_samples
 from ovseg_bench.errors import ConfigError
-from ovseg_bench.pictures import (class_shares, format_share, make_image_hook, palette, parse_classes,
-                                  render_overlay, render_panel)
-from tests.conftest import TINY_MODEL, call_cli, read_gt, result_jsons, run_argv
+from ovseg_bench.pictures import (class_shares, format_share, make_image_hook, palette, panel_entries,
+                                  parse_classes, render_overlay, render_panel)
+from tests.conftest import TINY_MODEL, call_cli, read_gt, result_jsons, run_argv, unwritable
 
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "datasets" / "demo" / "JPEGImages" / "chelsea.jpg"
 TINY = ("--model", TINY_MODEL, "--pretrained", "none", "--device", "cpu")
@@ -27,6 +27,13 @@ VISUALIZE = 2  # of the synthetic tree's 3 images per dataset
 
 def predict_argv(out: Path, image: Path = DEMO_IMAGE, classes: str = "cat,floor,wall") -> list[str]:
     return ["predict", "--method", "clip", "--image", image, "--classes", classes, "--out", out, *TINY]
+
+
+def chromatic(pixels: np.ndarray) -> set[tuple[int, ...]]:
+    """The coloured (not grey) RGB values of ``pixels``: black text antialiased on white or grey
+    adds only greys, so in a legend these are exactly the swatches of non-grey classes."""
+    flat = pixels.reshape(-1, 3)
+    return {tuple(int(v) for v in c) for c in np.unique(flat[(flat != flat[:, :1]).any(axis=1)], axis=0)}
 
 
 # ----------------------------------------------------------------------------- predict
@@ -45,6 +52,8 @@ def test_predict_writes_an_overlay_with_a_legend(cli, tmp_path):
     legend = pixels[height:]
     assert (legend == 255).all(axis=2).mean() > 0.5 and (legend < 64).all(axis=2).any()  # white with dark text
     assert str(out) in stdout
+    # --pretrained none: the run table's warning, on stderr so the printed shares stay parseable
+    assert "RANDOM WEIGHTS (--pretrained none)" in stderr and "mean nothing" in stderr and "RANDOM" not in stdout
     shares = [float(line.split()[-1].rstrip("%").lstrip("<")) for line in stdout.splitlines()
               if line.split()[:1] in (["cat"], ["floor"], ["wall"])]
     assert len(shares) == 3 and abs(sum(shares) - 100) < 0.3
@@ -84,6 +93,28 @@ def test_predict_refuses_label_methods_and_non_png_out(cli, tmp_path):
     assert code == 2 and "ending in .png" in stderr
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if predict gets as far as looking up the method (and so loading weights)."""
+    monkeypatch.setattr("ovseg_bench.registry.get_method", lambda name: pytest.fail("the model was loaded"))
+
+
+def test_predict_refuses_an_out_below_a_file_before_loading(cli, tmp_path, no_model_load):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    out = tmp_path / "notes.txt" / "sub" / "overlay.png"
+    code, _, stderr = cli(*predict_argv(out))
+    assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert f"{tmp_path / 'notes.txt'} is not a folder" in stderr
+
+
+def test_predict_refuses_a_read_only_folder_before_loading(cli, tmp_path, no_model_load):
+    folder = tmp_path / "read_only"
+    with unwritable(folder):
+        code, _, stderr = cli(*predict_argv(folder / "new" / "overlay.png"))
+    assert code == 2 and stderr.count("\n") == 1 and f"cannot write in {folder}" in stderr
+    assert not (folder / "new").exists()
+
+
 # ----------------------------------------------------------------------------- colours and layout
 
 def test_palette_is_fixed_and_keeps_ignore_apart():
@@ -109,15 +140,34 @@ def test_overlay_legend_lists_present_classes_only():
     assert format_share(0.0001) == "<0.1%" and format_share(0.5) == "50.0%"
 
 
+NAMES = ("c0", "c1", "c2", "c3", "c4", "c5")  # palette colours 0..5 are all chromatic
+
+
 def test_panel_is_three_images_wide_with_ignore_white():
-    rgb = np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)
-    gt = np.full((30, 20), 255, dtype=np.uint8)
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    gt = np.full((30, 60), 255, dtype=np.uint8)
     gt[:10] = 4
-    panel = np.asarray(render_panel(rgb, gt, np.zeros((30, 20), np.uint8), "m | d | id"))
-    assert panel.shape[1] == 60 and panel.shape[0] > 30
-    assert np.array_equal(panel[:30, :20], rgb)
-    assert (panel[10:30, 20:40] == 255).all() and (panel[:10, 20:40] == palette()[4]).all()
-    assert (panel[:30, 40:60] == palette()[0]).all()
+    panel = np.asarray(render_panel(rgb, gt, np.zeros((30, 60), np.uint8), "m | d | id", names=NAMES))
+    assert panel.shape[1] == 180 and panel.shape[0] > 30
+    assert np.array_equal(panel[:30, :60], rgb)
+    assert (panel[10:30, 60:120] == 255).all() and (panel[:10, 60:120] == palette()[4]).all()
+    assert (panel[:30, 120:180] == palette()[0]).all()
+
+
+def test_panel_legend_lists_classes_of_gt_or_prediction_then_ignored():
+    gt = np.full((30, 60), 255, dtype=np.uint8)
+    gt[:10] = 1
+    labels = np.full((30, 60), 2, dtype=np.uint8)
+    labels[:, 30:] = 4
+    entries = panel_entries(gt, labels, NAMES)
+    assert [name for _, name in entries] == ["c1", "c2", "c4", "ignored"]  # class order; 0, 3, 5 absent
+    assert np.array_equal([colour for colour, _ in entries], palette()[[1, 2, 4, 255]])
+    panel = render_panel(np.zeros((30, 60, 3), np.uint8), gt, labels, "m | d | id", names=NAMES)
+    assert chromatic(np.asarray(panel)[30:]) == {tuple(int(v) for v in palette()[k]) for k in (1, 2, 4)}
+    again = render_panel(np.zeros((30, 60, 3), np.uint8), gt, labels, "m | d | id", names=NAMES)
+    assert panel.tobytes() == again.tobytes()
+    beyond_the_card = panel_entries(np.array([[1, 9]]), np.array([[1, 1]]), NAMES)
+    assert [name for _, name in beyond_the_card] == ["c1", "9: not a class"]
 
 
 def test_hook_beyond_n_without_saving_does_nothing(tmp_path):
@@ -165,7 +215,8 @@ def test_saved_predictions_score_exactly_like_the_run(cityscapes_run):
 
 def test_visualize_writes_the_first_n_panels_only(cityscapes_run):
     root, output, _ = cityscapes_run
-    samples = list_samples(load_card("cityscapes"), root)
+    card = load_card("cityscapes")
+    samples = list_samples(card, root)
     folder = output / "visualize" / "clip__cityscapes"
     expected = {f"{s.image_id.replace('/', '__')}.png" for s in samples[:VISUALIZE]}
     assert {p.name for p in folder.iterdir()} == expected
@@ -174,3 +225,8 @@ def test_visualize_writes_the_first_n_panels_only(cityscapes_run):
         with Image.open(sample.image_path) as image, Image.open(folder / name) as panel:
             assert panel.width == 3 * image.width and panel.height > image.height
             assert np.array_equal(np.asarray(panel)[: image.height, : image.width], np.asarray(image.convert("RGB")))
+            below = np.asarray(panel)[image.height:]  # caption and legend
+        with Image.open(output / "predictions" / "clip" / "cityscapes" / f"{sample.image_id}.png") as png:
+            present = np.union1d(read_gt(sample.gt_path, card.reduce_zero_label), np.asarray(png))
+        # the legend shows a swatch for each class in the GT or the prediction, and no other class
+        assert chromatic(below) == chromatic(palette()[present[present < card.num_classes]])
