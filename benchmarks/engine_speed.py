@@ -53,6 +53,7 @@ from ovseg_bench.datasets.listing import list_samples  # noqa: E402
 from ovseg_bench.engine.metrics import IoUCounts  # noqa: E402
 from ovseg_bench.engine.protocol import load_protocol  # noqa: E402
 from ovseg_bench.engine.runner import EngineOptions, evaluate  # noqa: E402
+from ovseg_bench.tracks.semantic import SEMANTIC  # noqa: E402
 from ovseg_bench.engine.transforms import decode_image, decode_label, reduce_zero_label, resize_image  # noqa: E402
 from ovseg_bench.methods.base import DatasetInfo, Vocabulary, WeightsOptions  # noqa: E402
 from ovseg_bench.registry import get_method  # noqa: E402
@@ -512,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         options = EngineOptions(batch_size=batch_size, workers=args.workers, precision=args.precision, quiet=True)
 
         def engine():
-            evaluation = evaluate(method, card, samples, settings, options, device)
+            resolved = options.for_device(device)
+            scorer = SEMANTIC.scorer(method, card, settings, resolved, device)
+            evaluation = evaluate(scorer, SEMANTIC.reader(card, samples, settings), samples, resolved, desc=card.name)
             return evaluation.counts, evaluation.num_windows
 
         def loop():

@@ -20,7 +20,7 @@ import pandas as pd
 
 from .errors import DataError
 from .identity import method_variant, result_config_digest
-from .results import scan_results, scan_results_with_skipped, skipped_note
+from .results import scan_results_with_skipped, skipped_note
 
 # Identity, then numbers, then circumstances; ``setting.<key>`` columns follow, sorted.
 COLUMNS = (

@@ -305,7 +305,8 @@ def predict(request: PredictRequest) -> Prediction:
     with the method's background rule, as on VOC).
     """
     from .engine.protocol import PRECISIONS, load_protocol
-    from .engine.runner import autocast_context, resolve_device, segment_image
+    from .engine.runner import autocast_context, resolve_device
+    from .tracks.semantic import segment_image
     from .methods.base import WeightsOptions, WindowMethod
     from .registry import get_method
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .datasets.cards import ALL_BENCHMARKS, DatasetCard, load_card
-from .datasets.listing import SampleRef, list_samples, require_datasets
+from .datasets.listing import SampleRef, require_datasets
 from .atomic import check_writable
 from .engine import distributed
 from .engine.distributed import Ranks
@@ -35,7 +35,8 @@ from .errors import ConfigError, DataError, TrackError
 from .methods.base import Method, WeightsOptions
 from .identity import config_digest
 from .registry import get_method
-from .results import SCHEMA, ResultKey, environment, image_ids_digest, metrics_block, read_result, run_digest, write_result
+from .tracks import get_track
+from .results import SCHEMA, ResultKey, environment, image_ids_digest, read_result, run_digest, write_result
 
 # on_result(result, path, replaced): replaced = an earlier result of the very same run was overwritten.
 ResultCallback = Callable[[dict[str, Any], Path, bool], None]
@@ -151,7 +152,8 @@ def _run_dataset(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> tupl
     if ranks.main:
         settings = job.preset.settings_for(card.name)
         result = _result(job, card, settings, evaluation, len(samples))
-        path = write_result(result, request.output, evaluation.counts.per_image.numpy(), evaluation.image_ids)
+        path = write_result(result, request.output, evaluation.counts.per_item.numpy(), evaluation.image_ids,
+                            layout=get_track(card.track).sidecar_layout)
     ranks.barrier()  # the result is on disk before any rank drops its saved state
     _remove_partials(job, stem)
     return result, path, replaced
@@ -185,7 +187,9 @@ def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str)
         partial.unlink(missing_ok=True)  # without --resume a saved state is ignored and replaced
     work = Work(indices=distributed.shard(len(samples), job.engine.save_every, job.ranks), start=start,
                 on_block=lambda state: save_partial(partial, state, identity), source=str(partial))
-    return evaluate(job.method, card, samples, settings, job.engine, job.device, hook, work)
+    track = get_track(card.track)
+    scorer = track.scorer(job.method, card, settings, job.engine, job.device, on_item=hook)
+    return evaluate(scorer, track.reader(card, samples, settings), samples, job.engine, desc=card.name, work=work)
 
 
 def partial_path(output: Path, stem: str, ranks: Ranks) -> Path:
@@ -261,17 +265,12 @@ def _finished_result(job: _Job, card: DatasetCard, samples: list[SampleRef],
 
 
 def _listed_samples(card: DatasetCard, request: RunRequest) -> list[SampleRef]:
-    samples = list_samples(card, request.data_root)[: request.limit]
-    if not samples:
-        root = card.root_in(request.data_root)
-        where = (f"split file {root / card.split_file} lists no images" if card.split_file
-                 else f"no file ending in '{card.img_suffix}' under {root / card.img_dir}")
-        raise DataError(f"{card.name}: {where}; check the layout with `ovseg-bench data check {card.name}`")
-    return samples
+    """The track's listing (it refuses an empty one, saying why), cut to ``--limit``."""
+    return get_track(card.track).list_items(card, request.data_root)[: request.limit]
 
 
 def _require_scored(name: str, evaluation: Evaluation, num_listed: int) -> None:
-    if evaluation.counts.num_images == 0:
+    if evaluation.counts.num_items == 0:
         reasons = "; ".join(s["reason"] for s in evaluation.skipped[:3])
         raise DataError(f"{name}: all {num_listed} listed image(s) were skipped as unreadable, nothing to score: {reasons}")
 
@@ -296,7 +295,7 @@ def _validate(request: RunRequest) -> None:
 def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation, num_listed: int) -> dict[str, Any]:
     request, engine, method = job.request, job.engine, job.method
     counts = evaluation.counts
-    totals = {key: value.tolist() for key, value in counts.totals.items()}
+    blocks = get_track(card.track).result_blocks(card, evaluation)
     seconds = evaluation.seconds
     config = _plain(method.settings(card.name))
     return {
@@ -310,14 +309,14 @@ def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation,
         "protocol": {"preset": request.protocol, "fingerprint": job.fingerprint,
                      "settings": dataclasses.asdict(settings), "precision": request.engine.precision,
                      "limit": request.limit, "images": image_rule(request.limit)},
-        "metrics": metrics_block(counts.compute(), card.class_names(), per_image=counts.per_image),
-        "counts": totals,
-        "images": {"seen": counts.num_images, "listed": num_listed, "expected": card.num_images,
+        "metrics": blocks["metrics"],
+        "counts": blocks["counts"],
+        "images": {"seen": counts.num_items, "listed": num_listed, "expected": card.num_images,
                    "windows": evaluation.num_windows, "skipped": evaluation.skipped,
                    "ids_sha256": image_ids_digest(evaluation.image_ids)},
         "env": environment(str(job.device)),
         "timing": {"seconds": round(seconds, 3),
-                   "images_per_s": round(counts.num_images / seconds, 3) if seconds > 0 else None,
+                   "images_per_s": round(counts.num_items / seconds, 3) if seconds > 0 else None,
                    "batch_size": engine.batch_size, "workers": engine.workers,
                    "world_size": job.ranks.world_size, "save_every": engine.save_every},
     }

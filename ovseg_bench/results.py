@@ -110,8 +110,10 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def write_result(result: dict[str, Any], out_dir: Path, per_image: np.ndarray, image_ids: list[str]) -> Path:
-    """Write the sidecar, then the JSON, each atomically; returns the JSON path."""
+def write_result(result: dict[str, Any], out_dir: Path, per_image: np.ndarray, image_ids: list[str], *,
+                 layout: str = "counts[image, (intersect, union, pred, label), class]") -> Path:
+    """Write the sidecar (per-item rows, described by ``layout``), then the JSON, each atomically;
+    returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = ResultKey.of(result).stem
     buffer = io.BytesIO()
@@ -119,7 +121,7 @@ def write_result(result: dict[str, Any], out_dir: Path, per_image: np.ndarray, i
     sidecar = out_dir / f"{stem}.per_image.npz"
     atomic_write(sidecar, buffer.getvalue())
     result["per_image"] = {"file": sidecar.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
-                           "layout": "counts[image, (intersect, union, pred, label), class]"}
+                           "layout": layout}
     path = out_dir / f"{stem}.json"
     atomic_write(path, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
     return path

@@ -145,8 +145,8 @@ def test_saved_state_is_plain_and_holds_the_first_images(killed):
     assert 0 < done < NUM_IMAGES and done % SAVE_EVERY == 0  # saved at block ends only
     assert state["processed_ids"] == state["image_ids"] == killed["ids"][:done]
     assert state["scored_at"] == list(range(done)) and state["skipped"] == []
-    assert state["counts"]["per_image"].shape == (done, 4, 21)
-    assert state["counts"]["confusion"].dtype == torch.int64
+    assert state["counts"]["kind"] == "mmseg-iou" and state["counts"]["per_item"].shape == (done, 4, 21)
+    assert state["counts"]["additive"].dtype == torch.int64  # the confusion matrix
     identity = json.loads(state["identity"])
     assert identity["fingerprint"] == FULL_FP and identity["save_every"] == SAVE_EVERY
     assert identity["listed"] == NUM_IMAGES

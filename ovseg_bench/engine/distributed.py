@@ -11,9 +11,10 @@ the same loop, and the counts are brought together:
   ``j mod WORLD_SIZE``. The runner never batches windows across a block boundary, so every
   forward pass is one that a single-process run makes too: the numbers are bit-identical to it
   whatever the batch size and the device's kernels (runner.py).
-* **Bringing together.** The int64 confusion matrices are summed with ``all_reduce`` (exact);
-  the per-image counts, ids and skipped images are all-gathered and put back in listing order,
-  so every rank holds the whole dataset's evaluation (and fails alike when nothing was scored).
+* **Bringing together.** The counts' int64 additive tensors (the confusion matrices of the
+  semantic track) are summed with ``all_reduce`` (exact); the per-item counts, ids and skipped
+  items are all-gathered and put back in listing order, so every rank holds the whole
+  dataset's evaluation (and fails alike when nothing was scored).
   Only rank 0 writes result files and prints; the other ranks run without progress bars.
 
 This module only talks to torch.distributed; what an evaluation holds is runner.py's.
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .metrics import IoUCounts
+from .metrics import counts_from_state
 from .runner import Evaluation
 
 
@@ -129,38 +130,36 @@ def shard(num_images: int, block: int, ranks: Ranks) -> tuple[int, ...]:
 def combine(part: Evaluation, ranks: Ranks) -> Evaluation:
     """The whole dataset's evaluation from every rank's part, on every rank, in listing order.
 
-    The confusion matrices are summed with all_reduce (int64); the rest is all-gathered. Time is
-    the slowest rank's. A single process gets ``part`` back unchanged.
+    The counts' additive tensor (:class:`~ovseg_bench.engine.metrics.Counts`) is summed with
+    all_reduce (int64, exact); the rest is all-gathered. Time is the slowest rank's. A single
+    process gets ``part`` back unchanged. Works for every track's counts alike.
     """
     if not ranks.active:
         return part
-    confusion = part.counts.confusion.clone()
-    torch.distributed.all_reduce(confusion)
+    additive = part.counts.additive().clone()
+    torch.distributed.all_reduce(additive)
     state = part.state_dict()
     parts: list[Any] = [None] * ranks.world_size
     torch.distributed.all_gather_object(parts, state)
-    return merge_states(parts, confusion)
+    return merge_states(parts, additive)
 
 
-def merge_states(parts: list[dict[str, Any]], confusion: torch.Tensor) -> Evaluation:
+def merge_states(parts: list[dict[str, Any]], additive: torch.Tensor) -> Evaluation:
     """One evaluation from the :meth:`Evaluation.state_dict` of disjoint shards and their summed
-    ``(N+1) x (N+1)`` int64 confusion; rows, ids and skipped images sorted by listing position."""
+    additive counts; rows, ids and skipped items sorted by listing position."""
     scored_at = [at for p in parts for at in p["scored_at"]]
     order = sorted(range(len(scored_at)), key=scored_at.__getitem__)
-    rows = torch.cat([p["counts"]["per_image"] for p in parts])[order]
+    rows = torch.cat([p["counts"]["per_item"] for p in parts])[order]
     ids = [i for p in parts for i in p["image_ids"]]
     skipped_at = [at for p in parts for at in p["skipped_at"]]
     skip_order = sorted(range(len(skipped_at)), key=skipped_at.__getitem__)
     skipped = [s for p in parts for s in p["skipped"]]
     processed = sorted(zip(scored_at + skipped_at, ids + [s["image_id"] for s in skipped]))
-    first = parts[0]["counts"]
-    counts = IoUCounts(first["num_classes"], ignore_index=first["ignore_index"], device=confusion.device)
-    counts.load_state_dict({"num_classes": first["num_classes"], "ignore_index": first["ignore_index"],
-                            "num_images": len(order), "confusion": confusion, "per_image": rows})
-    totals = torch.stack(list(counts.totals.values())).cpu()
-    if not torch.equal(rows.sum(0), totals):
-        # The per-image rows and the reduced matrix come from the same images: a bug if not.
-        raise RuntimeError("all-reduced counts differ from the sum of the gathered per-image counts")
+    merged = {**parts[0]["counts"], "num_items": len(order), "additive": additive.cpu(), "per_item": rows}
+    counts = counts_from_state(merged, additive.device)
+    if not counts.rows_agree():
+        # The per-item rows and the reduced counts come from the same items: a bug if not.
+        raise RuntimeError("all-reduced counts differ from the sum of the gathered per-item counts")
     return Evaluation(counts, [ids[k] for k in order], [skipped[k] for k in skip_order],
                       sum(int(p["num_windows"]) for p in parts), max(float(p["seconds"]) for p in parts),
                       [scored_at[k] for k in order], [skipped_at[k] for k in skip_order],

@@ -1,6 +1,7 @@
-"""MMSegmentation ``IoUMetric`` semantics with exact int64 counts (reference/protocol.md §5.3, §9.15-17).
+"""MMSegmentation ``IoUMetric`` semantics with exact int64 counts.
 
-Counting follows ``mmseg.evaluation.metrics.IoUMetric.intersect_and_union`` (mmseg 1.2.2):
+Counting follows ``mmseg.evaluation.metrics.IoUMetric.intersect_and_union`` (mmseg 1.2.2,
+open-mmlab/mmsegmentation@v1.2.2:mmseg/evaluation/metrics/iou_metric.py):
 
 * pixels whose GT equals ``ignore_index`` are removed first (predictions there never count);
 * three histograms over the remaining pixels: intersect (``pred == gt``), pred and label;
@@ -12,7 +13,8 @@ mmseg counts with ``torch.histc`` on float32 and sums float32 per-image vectors;
 ``torch.bincount`` in int64, so totals are exact at any dataset size. The summary arithmetic
 (float32 ratios, ``np.nanmean``, float64 x 100, ``np.round`` half-to-even) is mmseg's as it ran
 under NumPy 1. :func:`mmseg_float32_totals` reproduces mmseg's float32 accumulation for the rare
-case where its last printed digit must be matched (§9.16).
+case where its last printed digit must be matched (float32 totals stop being exact integers
+above 2^24 pixels per class).
 
 The state is a ``(N+1) x (N+1)`` int64 confusion matrix on the device (rows GT, columns
 prediction, index N = "outside [0, N-1]"), from which all four histograms follow.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +32,60 @@ from torch import Tensor
 from ..errors import DataError
 
 COUNT_NAMES = ("intersect", "union", "pred", "label")
+
+
+class Counts(Protocol):
+    """What every track's counts share, so the runner, resume, torchrun and the statistics
+    never look inside them (DESIGN.md "Tracks as first-class parts").
+
+    * ``update(...)`` counts one item (an image, a referring sample); ``compute()`` summarises.
+    * ``additive()``: int64 tensor on the device holding everything the summary needs; counts of
+      disjoint shards add up elementwise, so torchrun all_reduces it (exact).
+    * ``per_item``: int64 [items, ...] CPU rows in update order, for the bootstrap, paired
+      compare and the sidecar; ``rows_agree()`` says whether they sum to ``additive()``.
+    * ``state_dict()`` holds ``kind``, ``num_items``, ``additive`` and ``per_item`` (plain values
+      and CPU tensors: ``torch.load(weights_only=True)`` reads it); ``from_state`` inverts it.
+    """
+
+    kind: ClassVar[str]
+
+    @property
+    def num_items(self) -> int: ...
+
+    @property
+    def per_item(self) -> Tensor: ...
+
+    def additive(self) -> Tensor: ...
+
+    def rows_agree(self) -> bool: ...
+
+    def merge(self, other: Any) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> "Counts": ...
+
+    def compute(self) -> Any: ...
+
+
+COUNTS_KINDS: dict[str, type] = {}  # kind -> counts class, for saved states (register_counts)
+
+
+def register_counts(cls: type) -> type:
+    """Class decorator: make ``cls`` loadable from a saved state by its ``kind``."""
+    if cls.kind in COUNTS_KINDS:
+        raise RuntimeError(f"counts kind '{cls.kind}' is registered twice")
+    COUNTS_KINDS[cls.kind] = cls
+    return cls
+
+
+def counts_from_state(state: dict[str, Any], device: torch.device | str = "cpu") -> Counts:
+    """The counts a :meth:`Counts.state_dict` describes; DataError for an unknown or damaged state."""
+    kind = state.get("kind", IoUCounts.kind) if isinstance(state, dict) else None
+    if kind not in COUNTS_KINDS:
+        raise DataError(f"saved counts of kind {kind!r} are not one of {sorted(COUNTS_KINDS)}")
+    return COUNTS_KINDS[kind].from_state(state, device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +108,8 @@ class MetricSummary:
 def _percent_summary(value: np.floating) -> float:
     """mmseg's summary rounding as run under NumPy 1: float64(value) * 100, half-to-even."""
     # NumPy 2 keeps np.float32 * 100 in float32 (NEP 50); NumPy 1 promoted to float64. The
-    # published numbers were made under NumPy 1, so the cast is explicit (§9.17).
+    # published numbers were made under NumPy 1, so the cast is explicit (mmseg's compute_metrics
+    # rounds np.nanmean(iou) * 100 with np.round(., 2)).
     return float(np.round(np.float64(value) * 100, 2))
 
 
@@ -101,7 +159,8 @@ def mmseg_float32_totals(per_image: Tensor) -> dict[str, Tensor]:
 
     Returns:
         float32 [N] tensors keyed like :data:`COUNT_NAMES`. Above 2^24 pixels per class these
-        differ from the exact totals in the last bits (§9.16); only dataset order reproduces them.
+        differ from the exact totals in the last bits (float32 has a 24-bit significand); only
+        dataset order reproduces them.
     """
     if per_image.dim() != 3 or per_image.shape[1] != 4:
         raise DataError(f"per-image counts must have shape [num_images, 4, N], got {tuple(per_image.shape)}")
@@ -139,8 +198,10 @@ def _counts_from_confusion(conf: Tensor, num_classes: int) -> Tensor:
     return torch.stack([intersect, pred + label - intersect, pred, label])
 
 
+@register_counts
 class IoUCounts:
-    """Streaming int64 counts for mmseg's ``IoUMetric`` (mIoU, mAcc, aAcc).
+    """Streaming int64 counts for mmseg's ``IoUMetric`` (mIoU, mAcc, aAcc): the semantic track's
+    :class:`Counts` (items are images; ``per_image``/``num_images`` name ``per_item``/``num_items``).
 
     Call :meth:`update` once per image, :meth:`compute` at the end. The running state is a
     (N+1) x (N+1) int64 confusion matrix on ``device`` (rows GT, columns prediction; index N
@@ -153,6 +214,8 @@ class IoUCounts:
         keep_per_image: keep int64 [4, N] counts per image (for bootstrap statistics and
             :func:`mmseg_float32_totals`).
     """
+
+    kind: ClassVar[str] = "mmseg-iou"
 
     def __init__(self, num_classes: int, *, ignore_index: int = 255,
                  device: torch.device | str = "cpu", keep_per_image: bool = True) -> None:
@@ -173,6 +236,32 @@ class IoUCounts:
     def num_images(self) -> int:
         """Number of images counted so far (merged ones included)."""
         return self._num_images
+
+    @property
+    def num_items(self) -> int:
+        return self._num_images
+
+    @property
+    def per_item(self) -> Tensor:
+        return self.per_image
+
+    def additive(self) -> Tensor:
+        """The (N+1) x (N+1) int64 confusion matrix (a sum over images)."""
+        return self._confusion
+
+    def rows_agree(self) -> bool:
+        totals = _counts_from_confusion(self._confusion, self._n).cpu()
+        return bool(torch.equal(self.per_image.sum(0), totals))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> "IoUCounts":
+        try:
+            counts = cls(state["num_classes"], ignore_index=state["ignore_index"], device=device,
+                         keep_per_image=state.get("per_item", state.get("per_image")) is not None)
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"not an IoUCounts state: {exc!r}") from None
+        counts.load_state_dict(state)
+        return counts
 
     @property
     def confusion(self) -> Tensor:
@@ -265,18 +354,21 @@ class IoUCounts:
     def state_dict(self) -> dict:
         """Plain ints and CPU tensors, e.g. for ``torch.save`` when resuming a run."""
         return {
+            "kind": self.kind,
             "num_classes": self._n,
             "ignore_index": self._ignore,
-            "num_images": self._num_images,
-            "confusion": self._confusion.cpu().clone(),
-            "per_image": self.per_image.clone() if self._keep else None,
+            "num_items": self._num_images,
+            "additive": self._confusion.cpu().clone(),  # the confusion matrix
+            "per_item": self.per_image.clone() if self._keep else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Replace the counts by ``state`` (from :meth:`state_dict` of compatible counts)."""
-        try:
-            n, ignore, num_images = state["num_classes"], state["ignore_index"], int(state["num_images"])
-            confusion, per_image = state["confusion"], state["per_image"]
+        try:  # "additive"/"per_item"/"num_items" (the Counts names) win over the older keys
+            n, ignore = state["num_classes"], state["ignore_index"]
+            num_images = int(state.get("num_items", state.get("num_images")))
+            confusion = state.get("additive", state.get("confusion"))
+            per_image = state.get("per_item", state.get("per_image"))
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"not an IoUCounts state: {exc!r}") from exc
         self._check_compatible(n, ignore, "a saved state")

@@ -96,6 +96,36 @@ class WindowMethod(Method):
         """[Q,H,W] float32 scores at GT size and the [3,h,w] normalised model input -> [H,W] int64 labels."""
 
 
+class DenseFeatureMethod(WindowMethod):
+    """A window method whose dense image features do not depend on the vocabulary.
+
+    ``forward_windows`` is ``score(embed_windows(windows), vocab, size)``: the engine may embed a
+    window once and score it for several vocabularies (paired datasets) or heads. Each adapter
+    says in ``embed_windows`` where its vocabulary first enters.
+    """
+
+    @abc.abstractmethod
+    def embed_windows(self, windows: torch.Tensor) -> Any:
+        """[B,3,h,w] float32 normalised windows -> the method's vocabulary-free features."""
+
+    @abc.abstractmethod
+    def score(self, features: Any, vocab: Vocabulary, size: tuple[int, int]) -> torch.Tensor:
+        """Features of ``embed_windows`` -> [B,Q,h,w] scores for windows of ``size`` (h, w)."""
+
+    def forward_windows(self, windows: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+        return self.score(self.embed_windows(windows), vocab, (windows.shape[-2], windows.shape[-1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedFeatures:
+    """Features of windows zero-padded to a multiple of the patch: what ``score`` needs to cut
+    the window back out of the padded scores."""
+
+    maps: Any                    # the method's feature tensors
+    padded: tuple[int, int]      # (H, W) of the padded windows
+    offset: tuple[int, int]      # (top, left) of the window inside the padding
+
+
 class LabelMethod(Method):
     """A method that already has label maps (no model): the engine only scores them."""
 

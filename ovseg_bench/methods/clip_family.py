@@ -1,6 +1,6 @@
 """The CLIP baseline family: training-free dense CLIP with a modified last block.
 
-Papers and reference code (formulas in reference/methods.md §2):
+Papers and reference code:
 - ``clip``: vanilla last layer (SCLIP's CLIP row; wangf3014/SCLIP@b56bd30 with ``csa=False``).
 - ``maskclip``: original MaskCLIP, value path with residual and FFN kept (chongzhou96/MaskCLIP@245d31f).
 - ``sclip``: correlative self-attention, q-q plus k-k (wangf3014/SCLIP@b56bd30).
@@ -9,10 +9,10 @@ Papers and reference code (formulas in reference/methods.md §2):
 
 Per window: dense patch embeddings -> cosine with the text queries on the (h//16, w//16) grid ->
 bilinear to the window (align_corners=False). Postprocess on the full image: optional PAMR on the
-raw cosines, then the background rule (§2.7a order): ``threshold``: softmax(logit_scale * cos)
-over names, max over each class's synonyms, SCLIP's area_thd, argmax, prob_thd to label 0;
-``constant``: a constant plane as class 0 before softmax (TCL's rule); ``none``: argmax of the
-softmax over classes (mmseg 0.x).
+raw cosines, then the background rule, in the order of SCLIP's clip_segmentor.py: ``threshold``:
+softmax(logit_scale * cos) over names, max over each class's synonyms, SCLIP's area_thd, argmax,
+prob_thd to label 0; ``constant``: a constant plane as class 0 before softmax (TCL's rule);
+``none``: argmax of the softmax over classes (mmseg 0.x).
 
 Quirks kept on purpose: ClearCLIP zero-pads windows whose sides are not multiples of the patch
 size (left = pad // 2); the others let the patch conv drop the remainder. Each method's
@@ -32,7 +32,8 @@ from ..errors import ConfigError
 from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
-from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod, register_config_variants
+from .base import (DatasetInfo, DenseFeatureMethod, PaddedFeatures, Vocabulary, WeightsOptions,
+                   register_config_variants)
 from .clip_model import load_clip
 from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
 from .prompts import TextCache, encode_names, load_templates, text_cache_identity
@@ -86,7 +87,7 @@ def load_method_config(name: str, path: Path | None = None) -> ClipFamilyConfig:
     return load_dataclass(ClipFamilyConfig, path or configs_dir() / "methods" / f"{name}.yaml")
 
 
-class ClipFamily(WindowMethod):
+class ClipFamily(DenseFeatureMethod):
     """Shared adapter; the registered names below bind it to their config files."""
 
     def __init__(self, config: ClipFamilyConfig, weights: WeightsOptions, device: torch.device):
@@ -127,14 +128,19 @@ class ClipFamily(WindowMethod):
     def _cache_identity(self) -> dict[str, Any]:
         return text_cache_identity(self._weights)
 
-    def forward_windows(self, windows: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
-        height, width = windows.shape[-2:]
-        padded, (top, left) = self._pad(windows)
+    def embed_windows(self, windows: torch.Tensor) -> PaddedFeatures:
+        """L2-normalised dense patch embeddings [B,E,h/16,w/16]; the vocabulary first enters in
+        ``score``'s cosine, so one pass serves every vocabulary."""
+        padded, offset = self._pad(windows)
         feats = clip_dense.dense_features(self.model.visual, padded, self.config.attention,
                                           naclip_sigma=self.config.naclip_sigma)
-        feats = F.normalize(feats.float(), dim=1)
-        cosine = torch.einsum("bchw,qc->bqhw", feats, vocab.embeddings)
-        cosine = F.interpolate(cosine, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        return PaddedFeatures(F.normalize(feats.float(), dim=1), (padded.shape[-2], padded.shape[-1]), offset)
+
+    def score(self, features: PaddedFeatures, vocab: Vocabulary, size: tuple[int, int]) -> torch.Tensor:
+        """Cosine with the text queries, bilinear to the padded window, the window cut back out."""
+        cosine = torch.einsum("bchw,qc->bqhw", features.maps, vocab.embeddings)
+        cosine = F.interpolate(cosine, size=features.padded, mode="bilinear", align_corners=False)
+        (top, left), (height, width) = features.offset, size
         return cosine[:, :, top:top + height, left:left + width]
 
     def _pad(self, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -172,7 +178,7 @@ def class_probabilities(scores: torch.Tensor, vocab: Vocabulary, logit_scale: fl
 
 
 def threshold_labels(probs: torch.Tensor, *, area_thd: float, prob_thd: float) -> torch.Tensor:
-    """SCLIP-family decision (reference/methods.md §2.7a): area_thd, argmax, then strict prob_thd."""
+    """SCLIP-family decision (wangf3014/SCLIP@b56bd30:clip_segmentor.py): area_thd, argmax, then strict prob_thd."""
     labels = probs.argmax(dim=0)
     if area_thd > 0:
         foreground = (labels != 0).sum()
@@ -188,7 +194,7 @@ def threshold_labels(probs: torch.Tensor, *, area_thd: float, prob_thd: float) -
 
 
 def constant_plane_labels(scores: torch.Tensor, vocab: Vocabulary, bg_value: float) -> torch.Tensor:
-    """TCL's background rule: class 0 is a constant plane; argmax of the float32 softmax (§9.8)."""
+    """TCL's background rule: class 0 is a constant plane; argmax of the float32 softmax (mmseg 0.27)."""
     per_class = synonym_max(scores.float(), vocab)
     per_class[0] = bg_value
     return torch.softmax(per_class, dim=0).argmax(dim=0)

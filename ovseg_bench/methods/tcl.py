@@ -1,4 +1,4 @@
-"""TCL: text-grounded masks from a trained grounder on frozen CLIP (reference/methods.md §1).
+"""TCL: text-grounded masks from a trained grounder on frozen CLIP.
 
 Paper: Cha, Mun, Roh, "Learning to Generate Text-grounded Mask for Open-world Semantic
 Segmentation from Only Image-Text Pairs", CVPR 2023. Reference code: kakaobrain/tcl@bc2b551
@@ -6,15 +6,16 @@ Segmentation from Only Image-Text Pairs", CVPR 2023. Reference code: kakaobrain/
 Checkpoint: https://github.com/kakaobrain/tcl/releases/download/v1.0.0/tcl.pth, holding only the
 learned ``masker.*`` parameters; the frozen towers are OpenAI CLIP ViT-B/16 from open_clip.
 
-Per window, batched over the B windows of a forward pass (§1.4): zero-pad to a multiple of the
-patch size; the frozen image tower runs every block but the last, whose output x feeds both the
-frozen last block with MaskCLIP attention (-> clip_map) and the grounder (a trained copy of that
-block, MaskCLIP attention too) -> gated decoder (x4) -> LN + projection -> E at 1/4 of the padded
-window; M = sigmoid(w * cos(E, t) + b); PAMR; M = kp_w * K + (1 - kp_w) * M with the KP map
+Per window, batched over the B windows of a forward pass (TCL's ``TCL.generate_masks`` and
+``TCLSegInference.encode_decode``): zero-pad to a multiple of the patch size; the frozen image
+tower runs every block but the last, whose output x feeds both the frozen last block with
+MaskCLIP attention (-> clip_map) and the grounder (a trained copy of that block, MaskCLIP
+attention too) -> gated decoder (x4) -> LN + projection -> E at 1/4 of the padded window;
+M = sigmoid(w * cos(E, t) + b); PAMR; M = kp_w * K + (1 - kp_w) * M with the KP map
 K = sigmoid(10 * (cos(clip_map, t) - 0.25)); bilinear to the padded window; unpad. Datasets with
 a background class get the constant plane bg_thresh as channel 0 of every window.
 
-Quirks kept on purpose (§1.6):
+Quirks kept on purpose (each checked by running kakaobrain/tcl@bc2b551 on CPU):
 - ImageNet normalisation, not CLIP's (a GroupViT legacy in TCL).
 - Class embedding = mean of the raw template features, then L2 (eps 1e-6); TCL normalises the
   class embeddings once more where it uses them, and so does this adapter.
@@ -48,19 +49,20 @@ from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
 from .checkpoints import Mismatch, compare_state_dict, fetch_checkpoint, load_strict, read_checkpoint, sha256_file
-from .base import DatasetInfo, Vocabulary, WeightsOptions, WindowMethod, register_config_variants
+from .base import (DatasetInfo, DenseFeatureMethod, PaddedFeatures, Vocabulary, WeightsOptions,
+                   register_config_variants)
 from .clip_family import synonym_max
 from .clip_model import load_clip
 from .pamr import PAMR, TCL_PAMR
 from .prompts import AVERAGING, TextCache, encode_names, load_templates, text_cache_identity
 
 TCL_CHECKPOINT_URL = "https://github.com/kakaobrain/tcl/releases/download/v1.0.0/tcl.pth"
-NORM_EPS = 1e-6  # TCL's us.normalize (F.normalize with eps 1e-6), §1.1
+NORM_EPS = 1e-6  # TCL's us.normalize (F.normalize with eps 1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
 class TclConfig:
-    """One ``configs/methods/tcl*.yaml``; defaults are TCL's configs/eval.yml (§1.4)."""
+    """One ``configs/methods/tcl*.yaml``; defaults are TCL's configs/eval.yml."""
 
     name: str
     paper: str
@@ -111,7 +113,7 @@ class Gate(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """Pre-activation block: LayerNorm2d -> exact GELU -> 3x3 conv (bias, zero pad) -> gate (§1.1)."""
+    """Pre-activation block: LayerNorm2d -> exact GELU -> 3x3 conv (bias, zero pad) -> gate (TCL's GDecoder)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -164,7 +166,7 @@ class LNProj(nn.Module):
 
 
 class Sim2Mask(nn.Module):
-    """Soft mask ``sigmoid(cos * w + b)`` with 0-dim learned w, b (init 10, -2.5; §1.1)."""
+    """Soft mask ``sigmoid(cos * w + b)`` with 0-dim learned w, b (init 10, -2.5, as TCL's Sim2Mask)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -203,14 +205,10 @@ class TclMasker(nn.Module):
         x = clip_dense.last_block(self.grounder, feats, "maskclip", grid)
         return self.image_proj(self.decoder(tokens_to_map(x, grid)))
 
-    def forward(self, feats: Tensor, grid: tuple[int, int], text: Tensor) -> Tensor:
-        """Soft masks ``[B, N, 4h, 4w]`` in [0, 1] for L2-normalised ``text`` ``[N, E]``."""
-        emb = F.normalize(self.embed(feats, grid), dim=1, eps=NORM_EPS)
-        return self.sim2mask(torch.einsum("bchw,nc->bnhw", emb, text))
-
 
 # ----------------------------------------------------------------------------- checkpoint
-# Published key prefix of each TclMasker child (§1.2). The grounder keeps its block's index in
+# Published key prefix of each TclMasker child, as TCL's module names give them (the released
+# tcl.pth could not be inspected byte for byte here). The grounder keeps its block's index in
 # CLIP's resblocks (L-1), and the decoder sits in a Sequential named "decoder" inside the
 # masker's "decoder": hence the doubled decoder.decoder.
 CHECKPOINT_PREFIXES = {
@@ -288,7 +286,7 @@ class TclVocabulary(Vocabulary):
     bg_plane: float | None = None
 
 
-class Tcl(WindowMethod):
+class Tcl(DenseFeatureMethod):
     """Shared adapter; the registered names below bind it to their config files."""
 
     def __init__(self, config: TclConfig, weights: WeightsOptions, device: torch.device):
@@ -328,7 +326,7 @@ class Tcl(WindowMethod):
         return cfg
 
     def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> TclVocabulary:
-        """Text queries for every synonym of the classes; background is never text-encoded (§1.3)."""
+        """Text queries for every synonym of the classes; background is never text-encoded (as in tcl_seg.py)."""
         plane = info.background_class
         first = 1 if plane else 0
         names = [name for synonyms in classes[first:] for name in synonyms]
@@ -344,48 +342,58 @@ class Tcl(WindowMethod):
         return TclVocabulary(embeddings, torch.tensor(query_class, dtype=torch.long, device=self.device),
                              len(classes), bg_plane=self.config.bg_thresh if plane else None)
 
-    def forward_windows(self, windows: Tensor, vocab: Vocabulary) -> Tensor:
-        """[B,3,h,w] ImageNet-normalised windows -> [B,Q,h,w] soft masks in [0, 1].
+    def embed_windows(self, windows: Tensor) -> PaddedFeatures:
+        """What TCL computes before any text: the grounder + decoder embedding, the PAMR guide and
+        the KP branch's projected CLIP map, for windows zero-padded to a multiple of the patch.
 
-        With a background plane, channel 0 is the constant ``bg_thresh`` (per window, §1.6).
+        The vocabulary first enters in the masker's similarity (``TclMasker.forward``: the
+        grounder, decoder and projection act on image features alone), then in PAMR (on the
+        masks) and the KP mix (cosine with the text), all in :meth:`score`.
         """
-        height, width = windows.shape[-2:]
+        padded, offset = clip_dense.pad_to_multiple(windows, self.patch)
+        visual = self.model.visual
+        x, grid = clip_dense.embed_tokens(visual, padded, pos_rule="tcl")
+        depth = len(visual.transformer.resblocks)
+        feats = clip_dense.run_blocks(visual, x, depth - 1)  # TCL's hooked feats[0], the output of block L-2
+        embedding = F.normalize(self.masker.embed(feats, grid), dim=1, eps=NORM_EPS)
+        maps = {"embedding": embedding}
+        if self.pamr is not None:
+            maps["guide"] = F.interpolate(padded, size=embedding.shape[-2:], mode="bilinear", align_corners=True)
+        if self.config.kp_w:
+            clip_tokens = clip_dense.last_block(visual.transformer.resblocks[depth - 1], feats, "maskclip", grid)
+            kp = tokens_to_map(clip_dense.project_tokens(visual, clip_tokens), grid)
+            maps["kp"] = F.normalize(kp, dim=1, eps=NORM_EPS)
+        return PaddedFeatures(maps, (padded.shape[-2], padded.shape[-1]), offset)
+
+    def score(self, features: PaddedFeatures, vocab: Vocabulary, size: tuple[int, int]) -> Tensor:
+        """[B,Q,h,w] soft masks in [0, 1]: mask head, PAMR at 1/4, KP mix, bilinear to the padded
+        window, unpadding. With a background plane, channel 0 is the constant ``bg_thresh`` (per
+        window, as TCL's ``encode_decode``)."""
         bg_plane = getattr(vocab, "bg_plane", None)
         text = vocab.embeddings[1:] if bg_plane is not None else vocab.embeddings
-        padded, (top, left) = clip_dense.pad_to_multiple(windows, self.patch)
-        masks = self.window_masks(padded, text)
-        masks = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        text = F.normalize(text, dim=-1, eps=NORM_EPS)
+        maps = features.maps
+        masks = self.masker.sim2mask(torch.einsum("bchw,nc->bnhw", maps["embedding"], text))
+        if self.pamr is not None:
+            masks = self.pamr(maps["guide"], masks)
+        if self.config.kp_w:
+            masks = self._kp_mix(maps["kp"], text, masks)
+        masks = F.interpolate(masks, size=features.padded, mode="bilinear", align_corners=False)
+        (top, left), (height, width) = features.offset, size
         masks = masks[:, :, top:top + height, left:left + width]
         if bg_plane is None:
             return masks
         return torch.cat([masks.new_full((masks.shape[0], 1, height, width), bg_plane), masks], dim=1)
 
-    def window_masks(self, padded: Tensor, text: Tensor) -> Tensor:
-        """Padded windows ``[B,3,H,W]`` (H, W multiples of the patch) -> masks ``[B,N,H/4,W/4]``."""
-        visual = self.model.visual
-        x, grid = clip_dense.embed_tokens(visual, padded, pos_rule="tcl")
-        depth = len(visual.transformer.resblocks)
-        feats = clip_dense.run_blocks(visual, x, depth - 1)  # TCL's hooked feats[0] (§1.1)
-        clip_tokens = clip_dense.last_block(visual.transformer.resblocks[depth - 1], feats, "maskclip", grid)
-        text = F.normalize(text, dim=-1, eps=NORM_EPS)
-        masks = self.masker(feats, grid, text)
-        if self.pamr is not None:
-            guide = F.interpolate(padded, size=masks.shape[-2:], mode="bilinear", align_corners=True)
-            masks = self.pamr(guide, masks)
-        if self.config.kp_w:
-            masks = self._kp_mix(clip_tokens, grid, text, masks)
-        return masks
-
-    def _kp_mix(self, clip_tokens: Tensor, grid: tuple[int, int], text: Tensor, masks: Tensor) -> Tensor:
-        """M <- kp_w * K + (1 - kp_w) * M, K = sigmoid((cos(clip_map, t) - shift) * temperature) (§1.4.6)."""
-        feats = tokens_to_map(clip_dense.project_tokens(self.model.visual, clip_tokens), grid)
-        cosine = torch.einsum("bchw,nc->bnhw", F.normalize(feats, dim=1, eps=NORM_EPS), text)
+    def _kp_mix(self, kp: Tensor, text: Tensor, masks: Tensor) -> Tensor:
+        """TCL's KP mix: M <- kp_w * K + (1 - kp_w) * M, K = sigmoid((cos(clip_map, t) - shift) * temperature)."""
+        cosine = torch.einsum("bchw,nc->bnhw", kp, text)
         keep = torch.sigmoid((cosine - self.config.kp_shift) * self.config.kp_temperature)
         keep = F.interpolate(keep, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         return self.config.kp_w * keep + (1.0 - self.config.kp_w) * masks
 
     def postprocess(self, scores: Tensor, image: Tensor, vocab: Vocabulary, info: DatasetInfo) -> Tensor:
-        """[Q,H,W] stitched masks -> [H,W] labels: max over synonyms, argmax of the float32 softmax (§9.8)."""
+        """[Q,H,W] stitched masks -> [H,W] labels: max over synonyms, argmax of the float32 softmax (mmseg 0.27)."""
         return torch.softmax(synonym_max(scores.float(), vocab), dim=0).argmax(dim=0)
 
 

@@ -1,0 +1,58 @@
+"""A track: one task type with its own cards, reader, counts, scorer and result blocks.
+
+The runner (engine/runner.py) knows no task: plan.py resolves the track once from a card's
+``track`` and asks it for the pieces of the loop. Which scorer serves a method is looked up
+along the method class's MRO in the track's ``scorers`` table (adapter base -> scorer class),
+once per dataset, so no stage dispatches on method kinds.
+"""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import Dataset
+
+from ..engine.metrics import Counts
+from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer
+from ..errors import TrackError
+
+
+class Track(abc.ABC):
+    """One task type. Subclasses set the class attributes and implement the methods below."""
+
+    name: ClassVar[str]              # the cards' ``track`` value
+    metric_id: ClassVar[str]         # part of every fingerprint of the track
+    default_protocol: ClassVar[str]  # the preset a plain ``run`` uses
+    sidecar_layout: ClassVar[str]    # what the rows of the per-item sidecar hold
+    scorers: ClassVar[dict[type, type[Scorer]]]  # adapter base class -> the scorer that drives it
+
+    @abc.abstractmethod
+    def list_items(self, card: Any, data_root: Path) -> list[Any]:
+        """The split's items in listing order (each with an ``image_id``: the item's id)."""
+
+    @abc.abstractmethod
+    def reader(self, card: Any, items: list[Any], settings: Any) -> Dataset:
+        """The torch Dataset over ``items`` that DataLoader workers run."""
+
+    @abc.abstractmethod
+    def new_counts(self, card: Any, method: Any, device: torch.device) -> Counts:
+        """Empty counts for one dataset."""
+
+    @abc.abstractmethod
+    def result_blocks(self, card: Any, evaluation: Evaluation) -> dict[str, Any]:
+        """The result file's ``metrics`` and ``counts`` blocks."""
+
+    def scorer_class(self, method: Any) -> type[Scorer]:
+        """The scorer of the first class in ``type(method).__mro__`` that this track drives."""
+        for base in type(method).__mro__:
+            if base in self.scorers:
+                return self.scorers[base]
+        raise TrackError(f"method '{method.name}' has no adapter for the '{self.name}' track; it derives from "
+                         f"none of {sorted(b.__name__ for b in self.scorers)}")
+
+    def scorer(self, method: Any, card: Any, settings: Any, options: EngineOptions, device: torch.device, *,
+               on_item: ImageHook | None = None) -> Scorer:
+        counts = self.new_counts(card, method, device)
+        return self.scorer_class(method)(method, card, settings, counts, options, device, on_item=on_item)
