@@ -72,7 +72,7 @@ FOOTNOTES = {  # order of appearance under a table
     "partial": "† fewer images scored than the split holds (a partial data folder or skipped unreadable images); "
                "see the result's page for images seen / expected.",
     "avg_partial": "\\* Avg over the benchmarks present in the row only, not all eight.",
-    "uncertain": "? cell marked uncertain in the reference notes (recalled, not found in a readable source).",
+    "uncertain": "? uncertain cell: the value is recalled and was not found in any readable source.",
     "avg_computed": "° the source prints no average: mean of the eight cells, computed here.",
 }
 
@@ -86,12 +86,12 @@ class ReportedEntry:
     id: str
     method: str                   # registry id where the method exists here (one name everywhere)
     backbone: str                 # open_clip architecture name
-    extra_model: str              # as the notes give it: "–", "trained", "DINO B/8", ...
+    extra_model: str              # as the source gives it: "–", "trained", "DINO B/8", ...
     protocol: str                 # a preset name (tcl, sclip) or "own"
     decimals: int                 # as printed by the source
     values: dict[str, float]      # dataset id -> mIoU (%)
     source: str
-    tag: str                      # verification tag, exactly as the notes write it
+    tag: str                      # verification tag, a key of the file's ``tags``
     avg: float | None = None      # as printed; None = the source prints none
     uncertain: tuple[str, ...] = ()
     commit: str | None = None
@@ -498,7 +498,7 @@ def _sources(reported: Reported) -> str:
     for e in reported.entries:
         commit = f" @ `{e.commit}`" if e.commit else ""
         lines.append(f"- `{e.id}` ({e.tag}): {e.source}{commit}." + (f" {e.notes}" if e.notes else ""))
-    lines += ["", "Verification tags, as the project's reference notes write them:", ""]
+    lines += ["", "Verification tags:", ""]
     used = {e.tag for e in reported.entries}
     lines += [f"- `{tag}`: {meaning}" for tag, meaning in reported.tags.items() if tag in used]
     return "\n".join(lines) + "\n"

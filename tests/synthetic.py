@@ -1,7 +1,8 @@
 """Tiny synthetic datasets written in exactly the on-disk formats of the eight benchmarks.
 
 The layouts are spelled out here independently of the dataset cards, so tests that list these
-trees through the cards check the cards too (reference/protocol.md §1, §9.9-§9.14):
+trees through the cards check the cards too (MMSegmentation's data layout and converters, TCL's
+COCO-Object converter):
 
 - VOC2012: JPEGImages/<id>.jpg, SegmentationClass/<id>.png as palette ('P') PNGs with the VOC
   colour map, indices {0..20, 255}; ImageSets/Segmentation/val.txt. voc and voc20 share it.
@@ -32,7 +33,8 @@ from PIL import Image
 # (height, width); a landscape, a portrait and a square one come first.
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((48, 64), (70, 42), (56, 56), (45, 60), (64, 50))
 
-# Raw COCO-Stuff values never used (§9.10); the other 171 of 0..181 map in order to 0..170.
+# Raw COCO-Stuff values never used (mmseg's coco_stuff164k converter skips them); the other 171 of
+# 0..181 map in order to 0..170.
 COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 COCO_USED = np.array([v for v in range(182) if v not in COCO_UNUSED], dtype=np.uint8)
 NUM_COCO_THINGS = 80
@@ -112,14 +114,14 @@ def _write_context(data_root: Path, rng: np.random.Generator, sizes: list[tuple[
 
 
 def coco_train_ids(raw: np.ndarray) -> np.ndarray:
-    """COCO-Stuff raw values -> train ids 0..170 (rank among the used values); 255 stays (§9.10)."""
+    """COCO-Stuff raw values -> train ids 0..170 (rank among the used values); 255 stays (as mmseg's)."""
     lut = np.full(256, 255, dtype=np.uint8)
     lut[COCO_USED] = np.arange(len(COCO_USED), dtype=np.uint8)
     return lut[raw]
 
 
 def coco_object_ids(raw: np.ndarray) -> np.ndarray:
-    """COCO-Stuff raw values -> COCO-Object 0..80: things 1..80, stuff and unlabelled 0 (§9.11)."""
+    """COCO-Stuff raw values -> COCO-Object 0..80: things 1..80, stuff and unlabelled 0 (as TCL's)."""
     train = coco_train_ids(raw)
     return np.where(train < NUM_COCO_THINGS, train + 1, 0).astype(np.uint8)
 

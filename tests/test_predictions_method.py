@@ -5,10 +5,10 @@ pixels copied from the GT so IoUs are not all near zero, a few values outside th
 some classes never predicted), runs the CLI and compares the result file with mmseg computed on
 the same masks and the same reduce_zero_label.
 
-NumPy-2 caveat (as in tests/engine/test_metrics.py, reference §9.17): the harness reports the
-summary numbers as mmseg computed them under NumPy 1 (float64 before x 100); installed mmseg
-under NumPy 2 keeps x 100 in float32 and can print 0.01 more or less. The checks accept exactly
-that difference and nothing else.
+NumPy-2 caveat (as in tests/engine/test_metrics.py; NumPy 2's NEP 50 promotion): the harness
+reports the summary numbers as mmseg computed them under NumPy 1 (float64 before x 100);
+installed mmseg under NumPy 2 keeps x 100 in float32 and can print 0.01 more or less. The checks
+accept exactly that difference and nothing else.
 """
 from __future__ import annotations
 

@@ -4,14 +4,14 @@ The quick check looks at existence and counts only (no decoding), so it takes se
 real datasets. It never raises for missing data: everything it finds goes into
 ``DatasetCheck.problems``.
 
-``deep=True`` (``data check --deep``) also reads every listed pair once (reference/protocol.md
-§9.14): the image's size from its header with the EXIF Orientation applied (images whose
-Orientation is not 1 are counted and named), the GT's size, that the GT is a single-channel
-8-bit map whose values lie in 0..``raw_label_max`` (plus 255 only where the card's
-``gt_has_ignore``; on Pascal Context, whose card has none, a 255 is reported as information,
-since the run ignores it like mmseg), and the GT's sha256 against a checksum manifest: one
-shipped as ``datasets/manifests/gt/<card>.json`` if it exists (the reference conversion), else the
-``ovseg_gt_sha256.json`` that ``data prepare`` writes in the dataset's root folder.
+``deep=True`` (``data check --deep``) also reads every listed pair once: the image's size from
+its header with the EXIF Orientation applied (images whose Orientation is not 1 are counted and
+named), the GT's size, that the GT is a single-channel 8-bit map whose values lie in
+0..``raw_label_max`` (plus 255 only where the card's ``gt_has_ignore``; on Pascal Context, whose
+card has none, a 255 is reported as information, since the run ignores it like mmseg), and the
+GT's sha256 against a checksum manifest: one shipped as ``datasets/manifests/gt/<card>.json`` if
+it exists (the reference conversion), else the ``ovseg_gt_sha256.json`` that ``data prepare``
+writes in the dataset's root folder.
 """
 from __future__ import annotations
 
@@ -252,7 +252,7 @@ def _inspect(sample: SampleRef, allowed: np.ndarray, ignore_index: int) -> _Fact
         data = sample.gt_path.read_bytes()
         with Image.open(io.BytesIO(data)) as gt_img:
             gt_size, mode = gt_img.size, gt_img.mode
-            gt = np.array(gt_img)  # §9.2: no conversion, palette indices for VOC
+            gt = np.array(gt_img)  # as mmseg's LoadAnnotations: no conversion, palette indices for VOC
     except (OSError, ValueError) as exc:
         return _Facts(image_size, orientation, error=f"GT {sample.gt_path.name} unreadable ({exc})")
     sha = hashlib.sha256(data).hexdigest()

@@ -2,22 +2,26 @@
 
 Every function here maps arrays or parsed JSON to a ``uint8`` (H, W) label map and touches no
 file, so each is tested on hand-made inputs and run in worker processes by
-:mod:`ovseg_bench.datasets.prepare`. The rules follow reference/protocol.md §1 and §9.10-§9.13:
+:mod:`ovseg_bench.datasets.prepare`. The rules follow the published converters named below:
 
-- Pascal Context (§9.12): the PASCAL in Detail ``trainval_merged.json`` holds, per image, a list
-  of annotations (``annos_segmentation``) whose ``segmentation`` is COCO-style RLE. The Detail
-  API's ``getMask`` starts from zeros and paints each annotation's Detail category id in list
-  order (later annotations overwrite earlier ones, crowd included); MMSegmentation's converter
-  then maps the 60 listed ids (0 and the 59 classes) to their rank. The RLE is decoded here in
-  NumPy, so neither the Detail API nor its C extension is needed.
-- COCO-Stuff 164k (§9.10): raw value = COCO category id - 1; the 171 used values map in
-  ascending order to train ids 0..170; 255 (unlabelled) stays 255.
-- COCO-Object (§9.11): from the same raw maps, as the TCL-lineage converter does: raw thing
-  values 0..89 become 1..80 (the rank among the 80 used thing values, plus one); every other
-  value, stuff and unlabelled 255 alike, becomes 0 = background.
-- Cityscapes (§9.13): train ids rendered from ``*_gtFine_polygons.json`` exactly as
-  cityscapesscripts' ``json2labelImg(..., 'trainIds')`` draws them (Pillow ``ImageDraw.polygon``
-  in file order on a 255 background), or remapped from ``*_gtFine_labelIds.png``.
+- Pascal Context (open-mmlab/mmsegmentation@v1.2.2:tools/dataset_converters/pascal_context.py
+  with the Detail API of zhanghang1989/detail-api): the PASCAL in Detail ``trainval_merged.json``
+  holds, per image, a list of annotations (``annos_segmentation``) whose ``segmentation`` is
+  COCO-style RLE. The Detail API's ``getMask`` starts from zeros and paints each annotation's
+  Detail category id in list order (later annotations overwrite earlier ones, crowd included);
+  MMSegmentation's converter then maps the 60 listed ids (0 and the 59 classes) to their rank.
+  The RLE is decoded here in NumPy, so neither the Detail API nor its C extension is needed.
+- COCO-Stuff 164k (``clsID_to_trID`` in MMSegmentation's
+  tools/dataset_converters/coco_stuff164k.py): raw value = COCO category id - 1; the 171 used
+  values map in ascending order to train ids 0..170; 255 (unlabelled) stays 255.
+- COCO-Object (kakaobrain/tcl@bc2b551:convert_dataset/convert_coco_object.py, copied by the SCLIP
+  family as datasets/cvt_coco_object.py): from the same raw maps, raw thing values 0..89 become
+  1..80 (the rank among the 80 used thing values, plus one); every other value, stuff and
+  unlabelled 255 alike, becomes 0 = background.
+- Cityscapes (MMSegmentation's tools/dataset_converters/cityscapes.py): train ids rendered from
+  ``*_gtFine_polygons.json`` exactly as cityscapesscripts' ``json2labelImg(..., 'trainIds')``
+  draws them (Pillow ``ImageDraw.polygon`` in file order on a 255 background), or remapped from
+  ``*_gtFine_labelIds.png`` (which differs along object edges, mcordts/cityscapesScripts#29).
 
 Values the published files never hold (the 11 unused COCO values, ids outside the Cityscapes
 table) are mapped to the ignore or background value rather than left as they are; the callers
@@ -37,7 +41,7 @@ from ..errors import DataError
 # --------------------------------------------------------------------------- Pascal Context
 
 # The Detail category ids of background (0) and the 59 Context classes, sorted: label value =
-# index in this tuple (reference/protocol.md §9.12; MMSegmentation's pascal_context converter).
+# index in this tuple (the sorted ``_mapping`` of MMSegmentation's pascal_context converter).
 CONTEXT_CATEGORY_IDS: tuple[int, ...] = (
     0, 2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105,
     113, 115, 144, 158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308,
@@ -153,7 +157,7 @@ def map_context_ids(canvas: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- COCO-Stuff / COCO-Object
 
 # Raw stuffthingmaps values that never occur (category ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83
-# and 91 are not used by COCO; §9.10).
+# and 91 are not used by COCO, and mmseg's coco_stuff164k converter's clsID_to_trID skips them).
 COCO_UNUSED: tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 COCO_USED: tuple[int, ...] = tuple(v for v in range(182) if v not in COCO_UNUSED)
 COCO_NUM_THINGS = 80
@@ -173,12 +177,12 @@ _COCO_STUFF_LUT, _COCO_OBJECT_LUT = _coco_luts()
 
 
 def coco_stuff_train_ids(raw: np.ndarray) -> np.ndarray:
-    """Raw stuffthingmap (uint8) -> COCO-Stuff train ids 0..170, 255 kept as ignore (§9.10)."""
+    """Raw stuffthingmap (uint8) -> COCO-Stuff train ids 0..170, 255 kept as ignore (as mmseg's)."""
     return _COCO_STUFF_LUT[_uint8_map(raw)]
 
 
 def coco_object_ids(raw: np.ndarray) -> np.ndarray:
-    """Raw stuffthingmap (uint8) -> COCO-Object labels: things 1..80, everything else 0 (§9.11)."""
+    """Raw stuffthingmap (uint8) -> COCO-Object labels: things 1..80, everything else 0 (as TCL's)."""
     return _COCO_OBJECT_LUT[_uint8_map(raw)]
 
 

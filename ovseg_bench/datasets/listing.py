@@ -1,7 +1,8 @@
 """Which images a dataset card's split holds, in the order the references evaluate them.
 
-The order matters: float32 metric totals are summed image by image in this order
-(reference/protocol.md §9.16), so it must be exactly MMSegmentation's (§9.9):
+The order matters: float32 metric totals are summed image by image in this order (mmseg's
+``IoUMetric.compute_metrics`` adds the per-image vectors with ``sum``), so it must be exactly
+MMSegmentation's (``BaseSegDataset.load_data_list`` in mmseg/datasets/basesegdataset.py):
 
 - with a split file, its lines in file order; image = ``img_dir/<line><img_suffix>`` and
   GT = ``ann_dir/<line><gt_suffix>``;
@@ -35,7 +36,7 @@ class SampleRef:
 
 
 def list_samples(card: DatasetCard, data_root: Path) -> list[SampleRef]:
-    """Every image of ``card``'s split under ``data_root``, in reference order (§9.9).
+    """Every image of ``card``'s split under ``data_root``, in MMSegmentation's order.
 
     Raises DataError naming the first missing piece (data root, dataset folder, image folder or
     split file) and how the layout should look. GT files are not checked here.
@@ -181,7 +182,7 @@ def scan_image_ids(img_dir: Path, img_suffix: str) -> list[str]:
 
     Mirrors mmengine's ``list_dir_or_file``: names starting with "." are skipped, every
     folder is descended (symlinks followed), the suffix match is case-sensitive, and the sort is
-    on the relative path string (§9.9).
+    on the relative path string (mmseg's ``load_data_list`` sorts by ``img_path``).
     """
     found: list[str] = []
     stack = [img_dir]

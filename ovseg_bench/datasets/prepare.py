@@ -411,7 +411,7 @@ def _context_outputs(root: Path) -> list[Path]:
 
 
 def _context_complete(root: Path) -> bool:
-    """Both split files exist, list images, and every listed image has its label PNG (§9.12)."""
+    """Both split files exist, list images, and every listed image has its label PNG."""
     labels = root / "SegmentationClassContext"
     for phase in CONTEXT_PHASES:
         split = root / "ImageSets" / "SegmentationContext" / f"{phase}.txt"
@@ -427,7 +427,7 @@ def _context_complete(root: Path) -> bool:
 
 
 def _context_tasks(root: Path, inputs: list[Path]) -> tuple[list[Task], dict[str, Any]]:
-    """One task per train/val image of the Detail JSON, plus one per split file (§9.12)."""
+    """One task per train/val image of the Detail JSON, plus one per split file (as mmseg's converter)."""
     data = _load_detail_json(inputs[0])
     try:
         return _context_tasks_from(root, data)
@@ -576,7 +576,7 @@ def _cityscapes_outputs(root: Path) -> list[Path]:
 
 
 def _cityscapes_tasks(root: Path, inputs: list[Path]) -> tuple[list[Task], dict[str, Any]]:
-    """One task per image stem: its polygons if present (preferred, §9.13), else its label ids."""
+    """One task per image stem: its polygons if present (preferred, as mmseg's converter), else its label ids."""
     sources: dict[str, tuple[str, Path]] = {}
     for path in inputs:
         for suffix, kind in ((CITYSCAPES_POLYGONS, "polygons"), (CITYSCAPES_LABEL_IDS, "label_ids")):

@@ -1,9 +1,11 @@
 """Sliding windows exactly as mmseg's ``slide_inference``, batched across images.
 
-Grid (reference/protocol.md §5.2): h_grids = max(H - crop + stride - 1, 0) // stride + 1; the
-last row/column is shifted back to end at the border; windows are only smaller than the crop
-when the image is. Stitching adds window scores into a float32 canvas from zeros in row-major
-window order and divides by the per-pixel count (§9.6), so the average equals the reference's.
+Grid (``EncoderDecoder.slide_inference`` in open-mmlab/mmsegmentation@v1.2.2:
+mmseg/models/segmentors/encoder_decoder.py; 0.x has the same grid): h_grids =
+max(H - crop + stride - 1, 0) // stride + 1; the last row/column is shifted back to end at the
+border; windows are only smaller than the crop when the image is. Stitching adds window scores
+into a float32 canvas from zeros in row-major window order (rows outer, columns inner) and
+divides by the per-pixel count, as ``slide_inference`` does, so the average equals the reference's.
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """Dense patch features of an open_clip ViT with a replaceable last block.
 
-One code path serves vanilla CLIP and the training-free "last block" variants of
-reference/methods.md §2 (MaskCLIP §2.3, SCLIP §2.4, ClearCLIP §2.5, NACLIP §2.6); TCL (§1.1)
-reuses the same pieces (embedding, first L-1 blocks, MaskCLIP last block, ln_post/proj).
+One code path serves vanilla CLIP (openai/CLIP, clip/model.py) and the training-free "last
+block" variants: MaskCLIP (chongzhou96/MaskCLIP@245d31f:mmseg/models/backbones/vit.py), SCLIP
+(wangf3014/SCLIP@b56bd30:clip/model.py), ClearCLIP (mc-lan/ClearCLIP@ad68a40:
+open_clip/transformer.py) and NACLIP (sinahmr/NACLIP@0cac3a6:clip/model.py). TCL
+(kakaobrain/tcl@bc2b551:models/tcl/tcl.py, sclip/model.py) reuses the same pieces (embedding,
+first L-1 blocks, MaskCLIP last block, ln_post/proj).
 
 Token layout used by every public function here: batch-first, ``[B, 1+N, D]`` with the CLS
 token first and the N = h*w patch tokens in row-major grid order. open_clip's own layout
@@ -21,8 +24,8 @@ from ovseg_bench.errors import ConfigError
 ATTENTION_VARIANTS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip")
 POS_RESIZE_RULES = ("sclip", "tcl")
 
-# §2.2-§2.4 keep the block's residual and FFN; ClearCLIP (§2.5) and NACLIP (§2.6, 'reduced'
-# architecture) output out_proj(A v) alone.
+# Vanilla CLIP, MaskCLIP and SCLIP keep the block's residual and FFN; ClearCLIP
+# (``ignore_residual=True``) and NACLIP (its 'reduced' architecture) output out_proj(A v) alone.
 _RESIDUAL_VARIANTS = frozenset({"vanilla", "maskclip", "sclip"})
 
 
@@ -34,7 +37,7 @@ def _check_variant(variant: str) -> None:
 
 
 def _check_visual(visual: nn.Module) -> None:
-    """Refuse towers whose token path is not the OpenAI-CLIP ViT one (§2.1)."""
+    """Refuse towers whose token path is not the OpenAI-CLIP ViT one (openai/CLIP clip/model.py)."""
     needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer",
               "ln_post", "proj")
     missing = [name for name in needed if getattr(visual, name, None) is None]
@@ -78,7 +81,7 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int], *, rule: str = "sc
     Args:
         pos: ``[1+N, D]`` learned table (CLS row first, N = n*n patches of a square grid).
         grid: target patch grid ``(h, w)``.
-        rule: ``"sclip"`` (SCLIP/ClearCLIP/NACLIP, §2.7a) or ``"tcl"`` (TCL, §1.6), see below.
+        rule: ``"sclip"`` (the SCLIP, ClearCLIP and NACLIP repos) or ``"tcl"`` (TCL's), see below.
 
     Returns:
         ``[1+h*w, D]`` in ``pos.dtype``, CLS row kept; ``pos`` itself (not a copy) when the rule
@@ -95,10 +98,10 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int], *, rule: str = "sc
         return pos
     table = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
     if rule == "tcl":
-        # TCL's sclip/model.py helper takes the target shape (H, W) and resizes to it (§1.6).
+        # TCL's sclip/model.py helper takes the target shape (H, W) and resizes to it.
         table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
     else:
-        # §2.7a: pass the DINO scale factor (grid+0.1)/sqrt(N), not size=(h, w); the factor also
+        # SCLIP/ClearCLIP/NACLIP pass the DINO scale factor (grid+0.1)/sqrt(N), not size=(h, w); the factor also
         # sets the sampling positions (dst+0.5)*sqrt(N)/(grid+0.1)-0.5.
         scale = ((h + 0.1) / n, (w + 0.1) / n)
         table = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)
@@ -122,7 +125,7 @@ def _table_side(pos: Tensor) -> int:
 
 
 def pad_to_multiple(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
-    """Zero-pad ``[B, C, H, W]`` symmetrically to multiples of ``multiple`` (ClearCLIP, TCL §1.4).
+    """Zero-pad ``[B, C, H, W]`` symmetrically to multiples of ``multiple`` (ClearCLIP, TCL).
 
     Returns:
         The padded images (``images`` itself when no padding is needed) and the ``(top, left)``
@@ -147,7 +150,7 @@ def embed_tokens(visual: nn.Module, images: Tensor, *,
 
     Returns:
         ``x`` ``[B, 1+h*w, D]`` (input of block 0) and the grid ``(h, w) = (H//p, W//p)``:
-        the stride-p convolution drops the last ``H mod p`` rows / ``W mod p`` columns (§2.7a).
+        the stride-p convolution drops the last ``H mod p`` rows / ``W mod p`` columns (as in SCLIP/NACLIP).
     """
     _check_visual(visual)
     patches = visual.conv1(images)  # [B, D, h, w]
@@ -214,7 +217,7 @@ def _split_heads(t: Tensor, heads: int) -> Tensor:
 
 
 def _qkv(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v of ``ln_1(x)`` via the fused ``in_proj`` (§2.1), each ``[B, H, T, d]``."""
+    """q, k, v of ``ln_1(x)`` via the fused ``in_proj`` (CLIP's packed projection), each ``[B, H, T, d]``."""
     attn = block.attn
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.chunk(3, dim=-1)
@@ -223,10 +226,11 @@ def _qkv(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _neighbourhood_bias(grid: tuple[int, int], sigma: float, like: Tensor) -> Tensor:
-    """NACLIP Omega (§2.6): ``[1+N, 1+N]``, exp(-|p_i-p_j|^2/(2 sigma^2)) on grid coordinates.
+    """NACLIP Omega: ``[1+N, 1+N]``, exp(-|p_i-p_j|^2/(2 sigma^2)) on grid coordinates.
 
+    As ``gaussian_window`` / ``get_attention_addition`` in sinahmr/NACLIP@0cac3a6:clip/model.py:
     sigma is in patch units and fixed whatever the grid; the Gaussian is unnormalised (peak 1)
-    and the CLS row and column are 0 (§2.7a).
+    and the CLS row and column are 0.
     """
     h, w = grid
     rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)
@@ -239,27 +243,27 @@ def _neighbourhood_bias(grid: tuple[int, int], sigma: float, like: Tensor) -> Te
 
 def _weights(q: Tensor, k: Tensor, variant: str, grid: tuple[int, int],
              sigma: float) -> Tensor:
-    """A from per-head q, k ``[B, H, T, d]`` -> ``[B, H, T, T]`` (§2.2-§2.6)."""
-    s = q.shape[-1] ** -0.5  # s = d^(-1/2), §2.1
+    """A from per-head q, k ``[B, H, T, d]`` -> ``[B, H, T, T]`` (repositories in the module docstring)."""
+    s = q.shape[-1] ** -0.5  # s = d^(-1/2), as in nn.MultiheadAttention
     if variant == "maskclip":
         eye = torch.eye(q.shape[-2], dtype=q.dtype, device=q.device)
         return eye.expand(q.shape[0], q.shape[1], -1, -1)
     if variant == "vanilla":
         return torch.softmax((s * q) @ k.transpose(-2, -1), dim=-1)
     if variant == "sclip":
-        # §2.4: the two softmaxes are summed without renormalisation (rows sum to 2).
+        # SCLIP's custom_attn: the two softmaxes are summed without renormalisation (rows sum to 2).
         return (torch.softmax((s * q) @ q.transpose(-2, -1), dim=-1)
                 + torch.softmax((s * k) @ k.transpose(-2, -1), dim=-1))
     if variant == "clearclip":
         return torch.softmax((s * q) @ q.transpose(-2, -1), dim=-1)
-    # naclip: Omega is added after scaling, inside the softmax, not scaled by s (§2.6, §2.7a).
+    # naclip: Omega is added after scaling, inside the softmax, not scaled by s (NACLIP's custom_attn).
     omega = _neighbourhood_bias(grid, sigma, q)
     return torch.softmax((s * k) @ k.transpose(-2, -1) + omega, dim=-1)
 
 
 def attention_matrix(block: nn.Module, x: Tensor, variant: str, grid: tuple[int, int], *,
                      naclip_sigma: float = 5.0) -> Tensor:
-    """Attention weights A of the variant for block input ``x`` (§2.2-§2.6).
+    """Attention weights A of the variant for block input ``x``.
 
     Args:
         block: open_clip ``ResidualAttentionBlock``.
@@ -270,7 +274,7 @@ def attention_matrix(block: nn.Module, x: Tensor, variant: str, grid: tuple[int,
 
     Returns:
         ``[B, H, 1+N, 1+N]`` in ``x.dtype``. Rows sum to 1, except SCLIP's, which sum to 2
-        (§2.4: no renormalisation); MaskCLIP gives the identity (§2.3).
+        (SCLIP does not renormalise); MaskCLIP gives the identity (its last block uses the value path only).
     """
     _check_variant(variant)
     _check_block(block)
@@ -281,10 +285,10 @@ def attention_matrix(block: nn.Module, x: Tensor, variant: str, grid: tuple[int,
 
 def _attention_branch(block: nn.Module, x: Tensor, variant: str, grid: tuple[int, int],
                       sigma: float) -> Tensor:
-    """``out_proj(A v)`` with heads merged, ``[B, 1+N, D]`` (§2.1)."""
+    """``out_proj(A v)`` with heads merged, ``[B, 1+N, D]``."""
     q, k, v = _qkv(block, x)
     if variant == "maskclip":
-        out = v  # A = I: each token takes its own value (§2.3); skip the identity matmul
+        out = v  # A = I: each token takes its own value (MaskCLIP's vit.py); skip the identity matmul
     else:
         out = _weights(q, k, variant, grid, sigma) @ v
     out = out.transpose(1, 2).reshape(x.shape)
@@ -293,14 +297,14 @@ def _attention_branch(block: nn.Module, x: Tensor, variant: str, grid: tuple[int
 
 def last_block(block: nn.Module, x: Tensor, variant: str, grid: tuple[int, int], *,
                naclip_sigma: float = 5.0) -> Tensor:
-    """The variant's version of residual block ``block`` (§2.2-§2.6).
+    """The variant's version of residual block ``block``.
 
     Args:
         block: open_clip ``ResidualAttentionBlock`` (normally the last one).
         x: ``[B, 1+N, D]`` batch-first block input.
         variant: one of ``ATTENTION_VARIANTS``.
         grid: patch grid ``(h, w)``, ``h*w == N``.
-        naclip_sigma: NACLIP Gaussian width in patches (§2.6 default 5).
+        naclip_sigma: NACLIP Gaussian width in patches (NACLIP's default 5).
 
     Returns:
         ``[B, 1+N, D]``, same dtype as ``x``. vanilla calls the block itself (bit-identical to
@@ -323,7 +327,7 @@ def last_block(block: nn.Module, x: Tensor, variant: str, grid: tuple[int, int],
 
 
 def project_tokens(visual: nn.Module, x: Tensor) -> Tensor:
-    """``ln_post`` then ``@ proj`` on every token (§2.1): ``[B, T, D]`` -> ``[B, T, E]``."""
+    """``ln_post`` then ``@ proj`` on every token (CLIP's image head): ``[B, T, D]`` -> ``[B, T, E]``."""
     _check_visual(visual)
     return visual.ln_post(x) @ visual.proj
 

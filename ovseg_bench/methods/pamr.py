@@ -1,6 +1,7 @@
 """PAMR: pixel-adaptive mask refinement (1-stage-wseg), as used by TCL, SCLIP and NACLIP.
 
-Algorithm (reference/methods.md §6), for an image I [B, K, H, W] and scores M [B, C, h, w]:
+Algorithm (visinf/1-stage-wseg's PAMR module, as copied in kakaobrain/tcl@bc2b551:models/tcl/pamr.py
+and wangf3014/SCLIP@b56bd30:pamr.py), for an image I [B, K, H, W] and scores M [B, C, h, w]:
 
 1. M is resized to H x W (bilinear, ``align_corners=True``).
 2. std_k: unbiased standard deviation of channel k over the 3x3 window *including the centre*

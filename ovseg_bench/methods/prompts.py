@@ -1,8 +1,10 @@
 """Prompt templates and class-name text embeddings, shared by every CLIP-based adapter.
 
-The two averaging orders of the references (reference/methods.md §6):
-``raw``: mean of the raw template embeddings, then L2-normalise (TCL);
-``normalised``: L2-normalise each template embedding, mean, L2-normalise (MaskCLIP, SCLIP family).
+The two averaging orders of the references:
+``raw``: mean of the raw template embeddings, then L2-normalise (TCL, models/tcl/tcl.py
+``build_text_embedding``);
+``normalised``: L2-normalise each template embedding, mean, L2-normalise (MaskCLIP,
+tools/maskclip_utils/prompt_engineering.py; the SCLIP family's clip_segmentor.py).
 """
 from __future__ import annotations
 

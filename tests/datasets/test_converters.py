@@ -1,6 +1,7 @@
 """The pure converters on hand-made inputs in each source format, against hand-computed labels.
 
-Expected values are written out from the rules of reference/protocol.md §9.10-§9.13, not
+Expected values are written out from the rules of the published converters (MMSegmentation's
+pascal_context, coco_stuff164k and cityscapes converters, TCL's convert_coco_object.py), not
 computed with the code under test: RLE strings were worked out with maskApi.c's rules (and
 agree with pycocotools), polygon fills follow Pillow's inclusive rasterisation of integer
 vertices, as cityscapesscripts' json2labelImg uses it.

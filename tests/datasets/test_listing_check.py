@@ -51,7 +51,7 @@ def test_synthetic_gt_matches_card_label_values_and_image_size(tree, name: str) 
     card = load_card(name)
     allowed = set(range(card.raw_label_max + 1)) | ({255} if card.gt_has_ignore else set())
     for sample in list_samples(card, root):
-        gt = np.array(Image.open(sample.gt_path))  # §9.2: no conversion
+        gt = np.array(Image.open(sample.gt_path))  # as mmseg's LoadAnnotations: no conversion
         assert gt.dtype == np.uint8 and gt.ndim == 2
         assert set(np.unique(gt).tolist()) <= allowed
         assert gt.shape == cv2.imread(str(sample.image_path), cv2.IMREAD_COLOR).shape[:2]

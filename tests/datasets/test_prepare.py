@@ -3,7 +3,8 @@
 Raw inputs are written here in the published formats (a PASCAL in Detail ``trainval_merged.json``
 with RLE masks, raw COCO stuffthingmaps, Cityscapes polygon JSONs and label-id PNGs, tar and
 zip archives with the published member layout); expected labels are spelled out from the rules
-of reference/protocol.md §9.10-§9.13. Downloads are served from a local ``file://`` path or a
+of the published converters (MMSegmentation's pascal_context, coco_stuff164k and cityscapes
+converters, TCL's convert_coco_object.py). Downloads are served from a local ``file://`` path or a
 127.0.0.1 HTTP server in a thread; nothing leaves the machine.
 """
 from __future__ import annotations

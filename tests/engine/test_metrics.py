@@ -64,7 +64,7 @@ def mmseg_reference(pairs, num_classes: int) -> tuple[dict, dict]:
 
 
 def numpy1_summary(value: np.floating) -> float:
-    """mmseg's summary as run under NumPy 1 (§9.17): float64 before x 100."""
+    """mmseg's summary (compute_metrics) as run under NumPy 1: float64 before x 100."""
     return float(np.round(np.float64(value) * 100, 2))
 
 
@@ -112,7 +112,7 @@ def test_parity_with_mmseg(num_classes, num_images, reduce, out_of_range, seed):
 
 @needs_mmseg
 def test_numpy2_last_digit_case():
-    """A known value where installed mmseg (NumPy 2, float32 x 100) prints 0.01 more (§9.17)."""
+    """A known value where installed mmseg (NumPy 2, float32 x 100) prints 0.01 more (NEP 50)."""
     # Class 0: I = 886, U = 1003 (117 GT-0 pixels predicted out of range); class 1 absent.
     gt = torch.zeros(1, 1003, dtype=torch.uint8)
     pred = torch.zeros(1, 1003, dtype=torch.int64)

@@ -2,7 +2,7 @@
 
 The method is compiled from the installed mmseg source (its module cannot be imported without
 mmcv's compiled ops) and run with a stand-in ``self`` that records the crops it is given
-(reference/protocol.md §5.2, §9.5-§9.6).
+(mmseg/models/segmentors/encoder_decoder.py).
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _grid_cases() -> list[tuple[int, int, int, int]]:
                  2 * crop + 1)
         cases |= {(h, w, crop, stride) for h in sides for w in (1, crop - 1)}
         cases |= {(h, w, crop, stride) for w in sides for h in (2, crop + 1)}
-    # dataset-like sizes after the resize (landscape, portrait, Cityscapes, extreme aspect, §9.3)
+    # dataset-like sizes after the resize (landscape, portrait, Cityscapes, extreme aspect, 645x480 at 336)
     cases |= {(448, 597, 448, 224), (597, 448, 448, 224), (448, 896, 448, 224), (20, 2048, 448, 224),
               (2048, 20, 448, 224), (341, 2048, 448, 224), (336, 451, 336, 112), (336, 451, 224, 112)}
     return sorted(cases)

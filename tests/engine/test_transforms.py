@@ -1,8 +1,9 @@
 """Decoding, resizing, label reduction and normalisation against mmcv 2.1.0 / mmseg 1.2.2.
 
-reference/protocol.md §5.1 and §9 items 1-4: images decode exactly as ``cv2.imdecode`` (EXIF
-applied), labels as ``np.array(PIL.Image.open(...))``, sizes follow mmcv's ``rescale_size``
-rounding and pixels cv2's uint8 bilinear; ImageNet statistics are applied as mmcv's
+As mmcv 2.1.0 (mmcv/image/io.py, mmcv/image/geometric.py) and mmseg 1.2.2's loaders run them:
+images decode exactly as ``cv2.imdecode`` (EXIF applied), labels as
+``np.array(PIL.Image.open(...))``, sizes follow mmcv's ``rescale_size`` rounding and pixels
+cv2's uint8 bilinear; ImageNet statistics are applied as mmcv's
 ``imnormalize`` (multiply by a float64 reciprocal) and CLIP statistics as mmseg 1.x's
 ``SegDataPreProcessor`` (float32 divide).
 """
@@ -40,9 +41,9 @@ def mmcv_size(width: int, height: int, short: int) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- rescale_size
 
-# (w, h, S, expected (new_w, new_h)) fixed by hand from §5.1 / §9.3 and the datasets' sizes.
+# (w, h, S, expected (new_w, new_h)) fixed by hand from mmcv's rescale_size and the datasets' sizes.
 KNOWN_SIZES = [
-    (645, 480, 336, (451, 336)),     # §9.3: one division first gives 451; multiply-first 452
+    (645, 480, 336, (451, 336)),     # mmcv divides first: 451; multiply-first gives 452
     (2048, 1024, 448, (896, 448)),   # Cityscapes at 448
     (2048, 1024, 336, (672, 336)),
     (500, 375, 448, (597, 448)),     # a typical VOC / COCO landscape
@@ -50,7 +51,7 @@ KNOWN_SIZES = [
     (5, 2, 1, (3, 1)),               # w*f = 2.5 exactly: floor(x + 0.5) = 3, half-even would give 2
     (10000, 100, 448, (2048, 20)),   # 2048 cap binds: f = 0.2048
     (100, 10000, 448, (20, 2048)),
-    (3000, 500, 448, (2048, 341)),   # aspect 6 > 2048/448: short side < S (§9.5)
+    (3000, 500, 448, (2048, 341)),   # aspect 6 > 2048/448: short side < S
     (1, 1, 448, (448, 448)),         # tiny images are upscaled
     (3, 7, 336, (336, 784)),
 ]
@@ -78,7 +79,7 @@ def _size_sweep() -> list[tuple[int, int, int]]:
         short_ = int(rng.integers(1, max(2, long_ // 3)))
         w, h = (long_, short_) if rng.random() < 0.5 else (short_, long_)
         cases.append((w, h, int(rng.choice(shorts))))
-    # every width for the heights where one-division-first rounding matters (§9.3)
+    # every width for the heights where one-division-first rounding matters
     cases += [(w, h, s) for w in range(300, 700) for h in (375, 480, 500) for s in (336, 448)]
     return cases
 
@@ -106,7 +107,7 @@ def test_rescale_size_order_of_scale_irrelevant():
 # --------------------------------------------------------------------------- resize_image
 
 RESIZE_CASES = [
-    ((480, 645), 336),    # down-scale, the §9.3 size
+    ((480, 645), 336),    # down-scale, the 645x480 size
     ((375, 500), 448),    # up-scale
     ((500, 375), 448),    # portrait up-scale
     ((1024, 2048), 448),  # Cityscapes down-scale by 2 (only the size is Cityscapes')
@@ -212,7 +213,7 @@ def test_decode_image_applies_exif_orientation(tmp_path):
     # the white corner moved from top-left to top-right
     assert ours[0, -1].min() > 200
     assert max(ours[0, 0].min(), ours[-1, 0].min(), ours[-1, -1].min()) < 200
-    # Pillow with exif_transpose agrees (ordinary YCbCr JPEG, §9.1) up to decoder rounding
+    # Pillow with exif_transpose agrees (ordinary YCbCr JPEG) up to decoder rounding
     assert np.abs(transposed[..., ::-1].astype(int) - ours.astype(int)).max() <= 1
 
 
@@ -273,7 +274,7 @@ def test_decode_label_palette_png_gives_indices(tmp_path):
     label = decode_label(path)
     assert label.dtype == np.uint8 and label.shape == (20, 30)
     np.testing.assert_array_equal(label, indices)
-    # what cv2 would give instead: colours, not indices (§9.2)
+    # what cv2 would give instead: colours, not indices
     assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).ndim == 3
 
 

@@ -1,4 +1,4 @@
-"""Dense CLIP features (reference/methods.md §2) against independent, explicit computations.
+"""Dense CLIP features (MaskCLIP, SCLIP, ClearCLIP, NACLIP last blocks) against independent, explicit computations.
 
 The references below are written from the formulas only: explicit LayerNorm, per-head loops,
 softmax via exp/sum, Omega by a double loop over grid coordinates, and a hand-written bicubic
@@ -245,7 +245,7 @@ def test_attention_matrix_matches_reference(visual64, variant):
         got = attention_matrix(block, x, variant, grid)
         _, ref = ref_attention(block, x, variant, grid)
     torch.testing.assert_close(got, torch.stack(ref, dim=1), **TIGHT)
-    row_sum = 2.0 if variant == "sclip" else 1.0  # §2.4: no renormalisation
+    row_sum = 2.0 if variant == "sclip" else 1.0  # SCLIP: no renormalisation
     torch.testing.assert_close(got.sum(-1), torch.full_like(got.sum(-1), row_sum), **TIGHT)
     if variant != "maskclip":
         assert got.min() > 0  # a real softmax, not the MaskCLIP identity
@@ -261,9 +261,9 @@ def test_ffn_dependence(model, variant):
         images = _images(224, 288, dtype=torch.float32)
         before = dense_features(visual, images, variant)
         after = dense_features(perturbed, images, variant)
-    if variant in ("clearclip", "naclip"):  # §2.5/§2.6: FFN dropped
+    if variant in ("clearclip", "naclip"):  # ClearCLIP/NACLIP: FFN dropped
         assert torch.equal(before, after)
-    else:  # §2.2-§2.4: residual and FFN kept
+    else:  # vanilla/MaskCLIP/SCLIP: residual and FFN kept
         assert (before - after).abs().max() > 1e-3
 
 
@@ -320,7 +320,7 @@ def test_pos_embed_matches_independent_bicubic(visual64, grid):
 
 
 def test_pos_embed_scale_factor_not_size(visual64):
-    """§2.7a: resizing with size=(h, w) samples other source positions than the factor does."""
+    """SCLIP-family rule: resizing with size=(h, w) samples other source positions than the factor does."""
     pos = visual64.positional_embedding.detach()
     h, w = 15, 12
     table = pos[1:].reshape(1, TABLE_SIDE, TABLE_SIDE, -1).permute(0, 3, 1, 2)
@@ -383,7 +383,7 @@ def test_run_blocks_under_autocast_matches_open_clip_blocks_per_window():
 
 @pytest.mark.parametrize("grid", [(15, 12), (7, 28), (3, 5), (20, 20)])
 def test_pos_embed_tcl_rule_resizes_to_size(visual64, grid):
-    """TCL (§1.6): every grid but the square one is resized, to size=(h, w) (scale = out / in)."""
+    """TCL's rule: every grid but the square one is resized, to size=(h, w) (scale = out / in)."""
     pos = visual64.positional_embedding.detach()
     h, w = grid
     table = pos[1:].reshape(TABLE_SIDE, TABLE_SIDE, -1)

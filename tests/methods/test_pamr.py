@@ -1,4 +1,4 @@
-"""PAMR against a straightforward per-pixel loop implementation (float64) of methods.md §6."""
+"""PAMR against a straightforward per-pixel loop implementation (float64) of 1-stage-wseg's PAMR."""
 from __future__ import annotations
 
 import numpy as np

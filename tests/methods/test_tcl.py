@@ -1,10 +1,10 @@
-"""TCL (reference/methods.md §1): checkpoint layout, per-window masks against an independent
+"""TCL (kakaobrain/tcl@bc2b551): checkpoint layout, per-window masks against an independent
 computation, the background plane, the variants, and ``ovseg-bench run --method tcl`` end to end.
 
-The checkpoint is written here in the published key layout (§1.2 table, spelled out below, not
+The checkpoint is written here in the published key layout (TCL's module names, spelled out below, not
 taken from the adapter) with random values for the tiny test backbone (width 64, embedding 32,
 3 blocks, so the grounder block is ``resblocks.2``). The reference masks are computed step by
-step from the formulas of §1.4 in float64: explicit LayerNorm, per-head loops with the identity
+step from the formulas of TCL's ``generate_masks`` in float64: explicit LayerNorm, per-head loops with the identity
 attention, a hand-built bicubic matrix for the position table (``size=(h, w)``), explicit
 decoder steps with F.conv2d, the KP branch; PAMR is called directly (it has its own parity test).
 """
@@ -38,7 +38,7 @@ ONE_LINE_ERROR = 2
 
 # ----------------------------------------------------------------------------- the published layout
 def published_shapes(width: int, embed: int, block: int) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the released minimal checkpoint (methods.md §1.2), for any backbone size."""
+    """Key -> shape of the released minimal checkpoint, for any backbone size."""
     grounder = f"masker.image_encoder.backbone.transformer.resblocks.{block}."
     shapes = {grounder + "attn.in_proj_weight": (3 * width, width), grounder + "attn.in_proj_bias": (3 * width,),
               grounder + "attn.out_proj.weight": (width, width), grounder + "attn.out_proj.bias": (width,),
@@ -167,7 +167,7 @@ def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def reference_masks(method, s: dict[str, torch.Tensor], windows: torch.Tensor, text: torch.Tensor, *,
                     pamr: bool, bg: float | None) -> torch.Tensor:
-    """§1.4 for float64 ``windows`` [B,3,h,w] and raw class embeddings ``text`` [N,E]."""
+    """TCL's per-window masks for float64 ``windows`` [B,3,h,w] and raw class embeddings ``text`` [N,E]."""
     b, _, height, width = windows.shape
     pad_h, pad_w = -height % PATCH, -width % PATCH
     top, left = pad_h // 2, pad_w // 2
@@ -203,14 +203,14 @@ def _double(method):
 
 # ----------------------------------------------------------------------------- tests
 def test_masker_of_vit_b16_has_the_published_key_table():
-    """The adapter's expected keys for ViT-B/16 (built on the meta device) are §1.2's table."""
+    """The adapter's expected keys for ViT-B/16 (built on the meta device) are the published key table."""
     with torch.device("meta"):
         visual = open_clip.create_model("ViT-B-16", pretrained=None, device="meta").visual
         masker = tcl.TclMasker(visual)
     expected = {name: tuple(v.shape) for name, v in masker.state_dict().items()}
     published = {tcl.published_key(name, 11): shape for name, shape in expected.items()}
     assert published == published_shapes(768, 512, 11)
-    assert sum(math.prod(shape) for shape in published.values()) == 28_725_510  # §1.2 parameter count
+    assert sum(math.prod(shape) for shape in published.values()) == 28_725_510  # TCL's learned parameters
 
 
 @pytest.mark.parametrize("name", ["tcl", "tcl_nopamr"])
