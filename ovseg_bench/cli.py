@@ -108,8 +108,10 @@ def _add_run(sub: Any) -> None:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--method", required=True, help="a registered method (`ovseg-bench list methods`)")
     run.add_argument("--dataset", action="append", required=True,
-                     help="dataset name(s), comma-separated or repeated; `all` = the eight benchmarks")
-    run.add_argument("--protocol", default="tcl", help="protocol preset (default: tcl)")
+                     help="dataset name(s), comma-separated or repeated; `all` = the eight semantic benchmarks, "
+                          "`referring` = the eight RefCOCO/+/g splits")
+    run.add_argument("--protocol", default="tcl",
+                     help="protocol preset, or `native` for the method's own (default: tcl; `ovseg-bench list protocols`)")
     run.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
     run.add_argument("--output", type=Path, default=Path("runs"), help="result folder (default: runs/)")
     _add_weights_options(run)
@@ -245,15 +247,19 @@ def _list(what: str) -> int:
         rows = [[n, ", ".join(get_method(n).tracks)] for n in method_names()]
         print(tabulate(rows, headers=["method", "tracks"]))
     elif what == "datasets":
-        from .datasets.cards import card_names, load_card
+        from .datasets.cards import DATASET_GROUPS, card_names, load_card
 
-        rows = [[c.name, c.track, c.num_classes, c.num_images, c.title] for c in map(load_card, card_names())]
+        rows = [[c.name, c.track, getattr(c, "num_classes", "–"), c.num_images, c.title]
+                for c in map(load_card, card_names())]
         print(tabulate(rows, headers=["dataset", "track", "classes", "images", "title"]))
+        print("groups: " + "; ".join(f"{group} = {', '.join(names)}" for group, names in DATASET_GROUPS.items()))
     else:
-        from .engine.protocol import load_protocol, protocol_names
+        from .engine.protocol import NATIVE, load_protocol, protocol_names
 
-        print(tabulate([[n, load_protocol(n).description] for n in protocol_names()], headers=["protocol", "description"],
-                       maxcolwidths=[None, 90]))
+        rows = [[n, load_protocol(n).description] for n in protocol_names()]
+        rows.append([NATIVE, "each method's own published settings: resolves per method to the preset its config "
+                             "names (tcl -> tcl, sclip -> sclip, ...); the result records both names"])
+        print(tabulate(rows, headers=["protocol", "description"], maxcolwidths=[None, 90]))
     return 0
 
 

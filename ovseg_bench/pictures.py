@@ -304,7 +304,7 @@ def predict(request: PredictRequest) -> Prediction:
     A first class named ``background`` is treated as the benchmarks' background class (label 0
     with the method's background rule, as on VOC).
     """
-    from .engine.protocol import PRECISIONS, load_protocol
+    from .engine.protocol import PRECISIONS, load_protocol, resolve_protocol
     from .engine.runner import autocast_context, resolve_device
     from .tracks.semantic import segment_image
     from .methods.base import WeightsOptions, WindowMethod
@@ -315,9 +315,9 @@ def predict(request: PredictRequest) -> Prediction:
     if request.precision not in PRECISIONS:
         raise ConfigError(f"--precision '{request.precision}' is not one of {PRECISIONS}")
     _check_out(request.out)
-    settings = load_protocol(request.protocol).settings_for("custom")
     bgr = read_image(request.image)
     method_cls = get_method(request.method)
+    settings = load_protocol(resolve_protocol(request.protocol, method_cls, request.method_config)).settings_for("custom")
     if not issubclass(method_cls, WindowMethod):
         raise ConfigError(f"method '{request.method}' scores existing label maps and cannot segment an image; "
                           "pick a model method (`ovseg-bench list methods`)")

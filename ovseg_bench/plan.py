@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 import torch
 
-from .datasets.cards import ALL_BENCHMARKS, DatasetCard, load_card
+from .datasets.cards import DATASET_GROUPS, DatasetCard, load_card
 from .datasets.listing import SampleRef, require_datasets
 from .atomic import check_writable
 from .engine import distributed
 from .engine.distributed import Ranks
-from .engine.protocol import PRECISIONS, ProtocolPreset, fingerprint, image_rule, load_protocol
+from .engine.protocol import PRECISIONS, ProtocolPreset, fingerprint, image_rule, load_protocol, resolve_protocol
 from .engine.runner import (EngineOptions, Evaluation, Work, autocast_context, evaluate, load_partial,
                             resolve_device, resolve_save_every, save_partial)
 from .errors import ConfigError, DataError, TrackError
@@ -68,8 +68,12 @@ class _Job:
     method: Method
     engine: EngineOptions
     device: torch.device
-    fingerprint: str
     ranks: Ranks
+
+    def fingerprint(self, card: Any) -> str:
+        """The dataset's own fingerprint: its settings, the track's metric, precision and subset."""
+        return fingerprint(self.preset.settings_for(card.name), metric=get_track(card.track).metric_id,
+                           precision=self.request.engine.precision, limit=self.request.limit)
 
 
 def default_data_root() -> Path:
@@ -77,13 +81,14 @@ def default_data_root() -> Path:
 
 
 def expand_datasets(names: list[str]) -> tuple[str, ...]:
-    """``all`` -> the eight benchmarks in order; commas split, spaces around names dropped;
+    """``all`` -> the eight benchmarks, ``referring`` -> the eight referring splits, in order;
+    commas split, spaces around names dropped;
     duplicates dropped, order kept (names differing in case are resolved, then deduplicated, by
     :func:`run_plan`)."""
     expanded: list[str] = []
     for item in names:
         for name in filter(None, (part.strip() for part in item.split(","))):
-            expanded.extend(ALL_BENCHMARKS if name.lower() == "all" else [name])
+            expanded.extend(DATASET_GROUPS.get(name.lower(), [name]))
     return tuple(dict.fromkeys(expanded))
 
 
@@ -94,10 +99,10 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
     """
     _validate(request)
     check_writable(request.output, option=f"--output {request.output}")  # before any weights load
-    preset = load_protocol(request.protocol)
     cards = _unique_cards(request.datasets)  # unknown names fail before any work
     names = tuple(card.name for card in cards)
     method_cls = get_method(request.method)
+    preset = load_protocol(resolve_protocol(request.protocol, method_cls, request.method_config))
     for card in cards:
         if card.track not in method_cls.tracks:
             raise TrackError(f"method '{request.method}' serves {method_cls.tracks}, "
@@ -113,8 +118,7 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
         with distributed.main_first(ranks):  # one download into the shared cache
             method = method_cls(request.weights, device, request.method_config)
         method.check_datasets(names)
-        fp = fingerprint(preset, precision=request.engine.precision, limit=request.limit)
-        job = _Job(request, preset, method, engine, device, fp, ranks)
+        job = _Job(request, preset, method, engine, device, ranks)
         results = []
         for card, samples in zip(cards, listed):
             result, path, replaced = _run_dataset(job, card, samples)
@@ -162,7 +166,7 @@ def _run_dataset(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> tupl
 def result_key(job: _Job, card: DatasetCard) -> ResultKey:
     """The key (file name) of this run's result on ``card``; equal to ``ResultKey.of`` its result."""
     method = job.method
-    return ResultKey(job.request.method, method.variant, card.name, job.request.protocol, job.fingerprint,
+    return ResultKey(job.request.method, method.variant, card.name, job.preset.name, job.fingerprint(card),
                      run_digest(_plain(method.weights()), _plain(method.settings(card.name))))
 
 
@@ -202,8 +206,8 @@ def _identity(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> dict[st
     """What a saved state must share with the run that continues it (JSON values)."""
     return _plain({"method": job.request.method, "weights": job.method.weights(),
                    "config": job.method.settings(card.name), "dataset": card.name,
-                   "card_version": card.card_version, "preset": job.request.protocol,
-                   "fingerprint": job.fingerprint, "listed": len(samples),
+                   "card_version": card.card_version, "preset": job.preset.name,
+                   "fingerprint": job.fingerprint(card), "listed": len(samples),
                    "save_every": job.engine.save_every, "batch_size": job.engine.batch_size,
                    "device": job.device.type, "world_size": job.ranks.world_size, "rank": job.ranks.rank})
 
@@ -251,7 +255,7 @@ def _finished_result(job: _Job, card: DatasetCard, samples: list[SampleRef],
     if not sidecar or not (path.parent / sidecar).is_file():
         return None  # no per-image counts: evaluate again
     now = {"method weights": job.method.weights(), "method config": job.method.settings(card.name),
-           "fingerprint": job.fingerprint, "card version": card.card_version, "listed images": len(samples)}
+           "fingerprint": job.fingerprint(card), "card version": card.card_version, "listed images": len(samples)}
     saved = {"method weights": result.get("method", {}).get("weights"),
              "method config": result.get("method", {}).get("config"),
              "fingerprint": result.get("protocol", {}).get("fingerprint"),
@@ -306,7 +310,7 @@ def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation,
                     "card_version": card.card_version, "num_classes": card.num_classes,
                     "classes": list(card.class_names()), "classnames": settings.classnames,
                     "data_root": str(Path(request.data_root).resolve()) if not card.embedded else "(embedded)"},
-        "protocol": {"preset": request.protocol, "fingerprint": job.fingerprint,
+        "protocol": {"preset": job.preset.name, "requested": request.protocol, "fingerprint": job.fingerprint(card),
                      "settings": dataclasses.asdict(settings), "precision": request.engine.precision,
                      "limit": request.limit, "images": image_rule(request.limit)},
         "metrics": blocks["metrics"],

@@ -1,4 +1,4 @@
-"""Result files, schema ``ovseg-bench/result/v1`` (DESIGN.md "Result file").
+"""Result files, schema ``ovseg-bench/result/v2`` (DESIGN.md "Result file"); v1 files read as v2.
 
 One indented JSON per run, written to a temporary file and renamed, named by :class:`ResultKey`:
 ``<method>[@<variant>]__<dataset>__<preset>__<fingerprint[:8]>__<run[:8]>.json``, where ``run``
@@ -28,7 +28,9 @@ from . import __version__
 from .atomic import atomic_write
 from .errors import DataError
 
-SCHEMA = "ovseg-bench/result/v1"
+SCHEMA = "ovseg-bench/result/v2"
+SCHEMA_V1 = "ovseg-bench/result/v1"  # read and upgraded in memory (read_result)
+V1_METRIC = "mmseg-iou/int64"        # v1 knew the semantic track only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +130,41 @@ def write_result(result: dict[str, Any], out_dir: Path, per_image: np.ndarray, i
 
 
 def read_result(path: Path) -> dict[str, Any]:
-    """Load a result file, refusing unknown schemas."""
+    """Load a result file, refusing unknown schemas; a v1 file comes back upgraded to v2."""
     try:
         result = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable result file ({exc})") from None
-    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
-        found = result.get("schema") if isinstance(result, dict) else None
-        raise DataError(f"{path}: schema {found!r} is not {SCHEMA!r}; this ovseg-bench cannot read it")
+    found = result.get("schema") if isinstance(result, dict) else None
+    if found == SCHEMA_V1:
+        return upgrade_v1(result, path)
+    if found != SCHEMA:
+        raise DataError(f"{path}: schema {found!r} is not {SCHEMA!r} (or {SCHEMA_V1!r}); this ovseg-bench "
+                        "cannot read it")
     return result
+
+
+def upgrade_v1(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A v1 result as v2: its fingerprint recomputed per dataset from the settings it recorded.
+
+    v1 hashed the whole preset, so its fingerprints moved whenever any card's override did; v2
+    hashes the dataset's own effective settings, the metric, the precision and the image subset,
+    all of which v1 files record. The old value is kept as ``protocol.fingerprint_v1``.
+    """
+    from .engine.protocol import DatasetSettings, fingerprint
+    from .yamlconf import from_mapping
+
+    try:
+        protocol = result["protocol"]
+        settings = from_mapping(DatasetSettings, protocol["settings"], f"{path}: protocol.settings")
+        new = fingerprint(settings, metric=V1_METRIC, precision=protocol.get("precision", "fp32"),
+                          limit=protocol.get("limit"))
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"{path}: a v1 result without its protocol settings ({exc!r}); rerun it") from None
+    upgraded = {**result, "schema": SCHEMA,
+                "protocol": {**protocol, "fingerprint": new, "fingerprint_v1": protocol.get("fingerprint"),
+                             "requested": protocol.get("requested", protocol.get("preset"))}}
+    return upgraded
 
 
 def scan_results(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:

@@ -106,10 +106,10 @@ def test_missing_path_unknown_schema_and_empty_folder(tmp_path):
     (tmp_path / "x.json").write_text('{"schema": "ovseg-bench/result/v9"}', encoding="utf-8")
     with pytest.raises(DataError, match=r"x\.json.*ovseg-bench/result/v9"):
         load_results(tmp_path)
-    (tmp_path / "x.json").write_text('{"schema": "ovseg-bench/result/v1", ', encoding="utf-8")
+    (tmp_path / "x.json").write_text('{"schema": "ovseg-bench/result/v2", ', encoding="utf-8")
     with pytest.raises(DataError, match=r"x\.json: not a readable result file"):
         load_results(tmp_path)
-    (tmp_path / "x.json").write_text('{"schema": "ovseg-bench/result/v1", "method": {}}', encoding="utf-8")
+    (tmp_path / "x.json").write_text('{"schema": "ovseg-bench/result/v2", "method": {}}', encoding="utf-8")
     with pytest.raises(DataError, match=r"x\.json: not a complete result file"):
         load_results(tmp_path)
 

@@ -116,7 +116,7 @@ def test_maskclip_all_result_file(maskclip_all, dataset):
     card = load_card(dataset)
     n = NUM_CLASSES[dataset]
 
-    assert result["schema"] == "ovseg-bench/result/v1"
+    assert result["schema"] == "ovseg-bench/result/v2"
     assert list(result)[:4] == ["schema", "method", "dataset", "protocol"]
     run = run_digest(result["method"]["weights"], result["method"]["config"])
     assert path.name == f"maskclip__{dataset}__tcl__{result['protocol']['fingerprint'][:8]}__{run[:8]}.json"

@@ -19,7 +19,7 @@ from ovseg_bench.identity import config_digest
 from tests.conftest import call_cli, result_jsons, run_argv
 
 REPO = Path(__file__).resolve().parents[1]
-# tcl_paper in leaderboard/reported.yaml (reference/methods.md §1.5); crafted runs add OFFSET to each.
+# tcl_paper in leaderboard/reported.yaml (TCL paper, CVPR 2023); crafted runs add OFFSET to each.
 TCL_PAPER = {"voc": 51.2, "voc20": 77.5, "context": 24.3, "context59": 30.3, "coco_stuff": 19.6,
              "coco_object": 30.4, "cityscapes": 23.1, "ade20k": 14.9}
 OFFSET = 0.2
@@ -156,7 +156,7 @@ def test_reported_rows_sit_under_their_preset_with_their_tags(board):
     assert "sclip — reported R `sclip_readme`" in sclip and "sclip_paper" in sclip and "tcl_paper" not in sclip
     elsewhere = parts["Reported elsewhere (each paper's own protocol)"]
     assert "clearclip — reported S2 `clearclip_paper`" in elsewhere and "naclip_readme_v2" in elsewhere
-    assert table_row(elsewhere, "proxyclip")[4] == "80.3 ?"  # voc20, a '?' cell of the notes
+    assert table_row(elsewhere, "proxyclip")[4] == "80.3 ?"  # voc20, an uncertain '?' cell
     # every entry is listed with its source; every tag used is explained
     sources = parts["Sources of the reported numbers"]
     reported = leaderboard.load_reported()
@@ -335,8 +335,8 @@ def test_json_files_that_are_not_results_are_skipped_and_named(results, tmp_path
 
 
 @pytest.mark.parametrize("text, problem", [
-    ('{"schema": "ovseg-bench/result/v1", "method": {', "not a readable result file"),
-    ('{"schema": "ovseg-bench/result/v1", "method": {"name": "tcl"}}', "not a complete result file"),
+    ('{"schema": "ovseg-bench/result/v2", "method": {', "not a readable result file"),
+    ('{"schema": "ovseg-bench/result/v2", "method": {"name": "tcl"}}', "not a complete result file"),
 ])
 def test_a_broken_result_file_still_fails_naming_it(results, tmp_path, text, problem):
     folder = subset(results, tmp_path / "results", "tcl__voc__*.json")

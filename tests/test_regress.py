@@ -268,9 +268,9 @@ def test_json_that_is_not_a_result_is_skipped_and_named(runs, tmp_path):
 def test_a_broken_result_file_fails_naming_it(runs, tmp_path):
     now = tmp_path / "now"
     shutil.copytree(runs["base"], now)
-    (now / "broken.json").write_text('{"schema": "ovseg-bench/result/v1", "method": {"name": "x"}}')
+    (now / "broken.json").write_text('{"schema": "ovseg-bench/result/v2", "method": {"name": "x"}}')
     code, _, err = regress(now, runs["baseline"])
     assert code == 2 and "broken.json" in err and "not a complete result file" in err
-    (now / "broken.json").write_text('{"schema": "ovseg-bench/result/v1", ')
+    (now / "broken.json").write_text('{"schema": "ovseg-bench/result/v2", ')
     code, _, err = regress(now, runs["baseline"])
     assert code == 2 and "broken.json" in err and "not a readable result file" in err

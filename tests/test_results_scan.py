@@ -49,7 +49,7 @@ def test_skipped_note_is_one_line_naming_the_files(folder, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{"schema": "ovseg-bench/result/v1", "method":', "not a readable result file"),
+    ('{"schema": "ovseg-bench/result/v2", "method":', "not a readable result file"),
     ("", "not a readable result file"),
     ('{"schema": "ovseg-bench/result/v9"}', "'ovseg-bench/result/v9' is not"),
 ])

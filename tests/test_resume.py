@@ -31,7 +31,8 @@ from tests.synthetic import write_dataset
 NUM_IMAGES = 12
 SAVE_EVERY = 2
 SIZES = ((48, 64), (56, 56))  # 2 and 1 tcl windows: a quick loop
-FULL_FP = fingerprint(load_protocol("tcl"), precision="fp32", limit=None)
+VOC_TCL = load_protocol("tcl").settings_for("voc")
+FULL_FP = fingerprint(VOC_TCL, metric="mmseg-iou/int64", precision="fp32", limit=None)
 
 
 def clip9_stem(config: Path, fp: str) -> str:
@@ -232,7 +233,7 @@ def test_resume_refuses_states_of_another_process_count(voc12, clip9, stem, tmp_
 
 def test_limit_run_replaces_a_stale_state_and_records_its_images(voc12, clip9, tmp_path):
     root, ids = voc12
-    limited_fp = fingerprint(load_protocol("tcl"), precision="fp32", limit=4)
+    limited_fp = fingerprint(VOC_TCL, metric="mmseg-iou/int64", precision="fp32", limit=4)
     stem = clip9_stem(clip9, limited_fp)
     stale = tmp_path / f"{stem}.partial.pt"
     stale.write_bytes(b"not a state")
@@ -251,22 +252,21 @@ def test_limit_run_replaces_a_stale_state_and_records_its_images(voc12, clip9, t
 
 
 def test_fingerprint_without_limit_is_unchanged():
-    # Pinned: results written before the limit rule keep their fingerprints.
-    assert FULL_FP == "6d508d1e09e02c3d76a20ce6fe156bd79a10dfb6f445dcf68a906c5eb71e1cab"
+    # Pinned (schema v2): voc's settings under tcl, the semantic metric, fp32, all images.
+    assert FULL_FP == "2926dd2c4c4f2c890f91dd8332f79fb0db292edc3d4919449134bc05eda657cb"
     assert image_rule(None) == "all"
 
 
 def test_fingerprint_records_the_limit_and_its_rule(monkeypatch):
-    preset = load_protocol("tcl")
-    prints = {n: fingerprint(preset, precision="fp32", limit=n) for n in (1, 4, 500)}
+    prints = {n: fingerprint(VOC_TCL, metric="mmseg-iou/int64", precision="fp32", limit=n) for n in (1, 4, 500)}
     assert len({FULL_FP, *prints.values()}) == 4
-    assert fingerprint(preset, precision="fp32", limit=4) == prints[4]  # deterministic
+    assert fingerprint(VOC_TCL, metric="mmseg-iou/int64", precision="fp32", limit=4) == prints[4]  # deterministic
     # The subset rule is in the hashed payload: another rule gives another fingerprint.
     import ovseg_bench.engine.protocol as protocol
 
     monkeypatch.setattr(protocol, "LIMIT_RULE", "random_n")
-    assert protocol.fingerprint(preset, precision="fp32", limit=4) != prints[4]
-    assert protocol.fingerprint(preset, precision="fp32", limit=None) == FULL_FP
+    assert protocol.fingerprint(VOC_TCL, metric="mmseg-iou/int64", precision="fp32", limit=4) != prints[4]
+    assert protocol.fingerprint(VOC_TCL, metric="mmseg-iou/int64", precision="fp32", limit=None) == FULL_FP
     assert LIMIT_RULE == "first_n_in_listing_order"
 
 

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..engine.protocol import DatasetSettings
-from ..engine.transforms import decode_image, decode_label, model_input, reduce_zero_label
+from ..engine.transforms import (decode_image, decode_label, label_geometry, model_input, reduce_zero_label,
+                                 resized_shape)
 from .cards import DatasetCard
 from .listing import SampleRef
 
@@ -46,7 +47,12 @@ class SplitDataset(Dataset):
         gt, problem = self._read_gt(ref.gt_path, bgr.shape[:2])
         if problem:
             return Sample(index, ref.image_id, None, None, problem)
-        rgb = model_input(bgr, self.settings.short_side, self.settings.long_side)
+        settings = self.settings
+        rgb = model_input(bgr, settings.short_side, settings.long_side, rule=settings.resize,
+                          center_crop=settings.center_crop)
+        if settings.center_crop is not None:  # the GT takes the input's geometry; scores are made at its size
+            size = resized_shape(bgr.shape[:2], settings.short_side, settings.long_side, rule=settings.resize)
+            gt = label_geometry(gt, size, settings.center_crop)
         return Sample(index, ref.image_id, rgb, torch.from_numpy(gt))
 
     def _read_gt(self, path: Path, image_shape: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:

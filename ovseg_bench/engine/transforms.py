@@ -1,8 +1,10 @@
 """Decoding, mmcv-compatible rescaling and per-method normalisation.
 
-Exactness rules (reference/protocol.md §9 items 1-5): images are decoded by cv2 (BGR uint8,
-EXIF orientation applied), label maps by Pillow without conversion (palette indices for VOC),
-and resized with mmcv's ``rescale_size`` rounding and cv2's uint8 bilinear, never antialiased.
+Exactness rules, those of mmcv 2.1.0's loaders and resize (open-mmlab/mmcv@v2.1.0:
+mmcv/image/io.py and mmcv/image/geometric.py) as mmseg 1.2.2 calls them: images are decoded by
+cv2 (BGR uint8, EXIF orientation applied), label maps by Pillow without conversion (palette
+indices for VOC), and resized with mmcv's ``rescale_size`` rounding and cv2's uint8 bilinear,
+never antialiased.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from PIL import Image
 def decode_image(path: Path) -> np.ndarray | None:
     """HxWx3 uint8 BGR exactly as ``cv2.imdecode(..., IMREAD_COLOR)``; None if undecodable.
 
-    IMREAD_COLOR applies the EXIF Orientation tag, as mmcv's loader does (§9.1).
+    IMREAD_COLOR applies the EXIF Orientation tag (unless IMREAD_IGNORE_ORIENTATION is given), as
+    mmcv's loader does: ``mmcv.imfrombytes`` with the cv2 backend and flag ``color``.
     """
     data = np.fromfile(str(path), dtype=np.uint8)
     if data.size == 0:
@@ -27,7 +30,11 @@ def decode_image(path: Path) -> np.ndarray | None:
 
 
 def decode_label(path: Path) -> np.ndarray:
-    """HxW uint8 label map as ``np.array(PIL.Image.open(path))``: palette indices, no EXIF (§9.2)."""
+    """HxW uint8 label map as ``np.array(PIL.Image.open(path))``: palette indices, no EXIF.
+
+    This is what mmseg's ``LoadAnnotations`` reads (``mmcv.imfrombytes``, Pillow backend, flag
+    ``unchanged``, then squeeze and uint8).
+    """
     with Image.open(path) as img:
         label = np.array(img)
     if label.ndim == 3 and label.shape[2] == 1:
@@ -38,7 +45,8 @@ def decode_label(path: Path) -> np.ndarray:
 def rescale_size(width: int, height: int, short_side: int, long_side: int) -> tuple[int, int]:
     """mmcv ``rescale_size`` with keep_ratio: (new_w, new_h).
 
-    The factor is one float64 division per side taken first (§9.3); multiplying first or
+    The factor is one float64 division per side taken first, as in mmcv's ``rescale_size``
+    (mmcv/image/geometric.py); multiplying first or
     rounding half-to-even gives different sizes for some images (645x480 at 336 -> 451, not 452).
     """
     max_long, max_short = max(long_side, short_side), min(long_side, short_side)
@@ -53,10 +61,55 @@ def resize_image(image: np.ndarray, short_side: int, long_side: int) -> np.ndarr
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
 
 
-def model_input(bgr: np.ndarray, short_side: int, long_side: int) -> torch.Tensor:
-    """Decoded HxWx3 uint8 BGR -> the resized [3,h,w] uint8 RGB tensor a method is fed (normalised on the device)."""
-    resized = resize_image(bgr, short_side, long_side)
+def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """torchvision ``Resize(S)`` sizes: (new_w, new_h), the short side S, the long side
+    ``int(S * long / short)`` truncated (torchvision/transforms/functional.py,
+    ``_compute_resized_output_size``)."""
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def resized_shape(shape: tuple[int, int], short_side: int, long_side: int, *, rule: str = "mmcv") -> tuple[int, int]:
+    """(h, w) after the protocol's resize of an image of ``shape`` (h, w), before any crop."""
+    height, width = shape
+    if rule == "mmcv":
+        new_w, new_h = rescale_size(width, height, short_side, long_side)
+    else:
+        new_w, new_h = short_side_size(width, height, short_side)
+    return new_h, new_w
+
+
+def center_crop_box(height: int, width: int, side: int) -> tuple[int, int]:
+    """(top, left) of torchvision's ``center_crop`` to side x side: ``int(round((H - side) / 2))``,
+    Python's round, half to even (532 -> 425 wide: left 52, not 53)."""
+    return int(round((height - side) / 2.0)), int(round((width - side) / 2.0))
+
+
+def model_input(bgr: np.ndarray, short_side: int, long_side: int, *, rule: str = "mmcv",
+                center_crop: int | None = None) -> torch.Tensor:
+    """Decoded HxWx3 uint8 BGR -> the resized (and centre-cropped) [3,h,w] uint8 RGB tensor a
+    method is fed, normalised later on the device.
+
+    ``rule``: ``mmcv`` (keep ratio, long side capped, :func:`rescale_size`) or ``short_side``
+    (:func:`short_side_size`); both resize with cv2's uint8 bilinear.
+    """
+    new_h, new_w = resized_shape(bgr.shape[:2], short_side, long_side, rule=rule)
+    resized = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    if center_crop is not None:
+        top, left = center_crop_box(resized.shape[0], resized.shape[1], center_crop)
+        resized = resized[top:top + center_crop, left:left + center_crop]
     return torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1].transpose(2, 0, 1)))
+
+
+def label_geometry(label: np.ndarray, size: tuple[int, int], center_crop: int) -> np.ndarray:
+    """A label map given the model input's geometry: nearest-neighbour resize to ``size`` (h, w)
+    with PIL (whose NEAREST picks other source pixels than ``floor((j + 0.5) * W / W')`` at a few
+    positions; NoelShin/reco@5c5e1bc utils/utils.py resizes labels with it), then the centre crop."""
+    height, width = size
+    resized = np.array(Image.fromarray(label).resize((width, height), Image.NEAREST))
+    top, left = center_crop_box(height, width, center_crop)
+    return np.ascontiguousarray(resized[top:top + center_crop, left:left + center_crop])
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:

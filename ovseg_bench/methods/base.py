@@ -75,6 +75,12 @@ class Method(abc.ABC):
         """Identity of the weights: architecture, tag or file, and whether they are random."""
         return {"random": False}
 
+    @classmethod
+    def native_protocol(cls, config_path: Path | None = None) -> str | None:
+        """The preset ``--protocol native`` resolves to: the reference's own settings; None if
+        none is shipped for this method."""
+        return None
+
     def check_datasets(self, datasets: tuple[str, ...]) -> None:
         """Refuse, before any image is read, datasets this method cannot serve (its inputs for them)."""
 
@@ -145,6 +151,7 @@ def register_config_variants(adapter: type, names: tuple[str, ...], load_config:
     for name in names:
         class_name = "".join(part.capitalize() for part in name.split("_")) + "Method"
         body = {"__init__": _bound_init(adapter, name, load_config), "name": name,
+                "native_protocol": _bound_native(name, load_config),
                 "__doc__": f"``{name}``: {adapter.__name__} bound to configs/methods/{name}.yaml."}
         register_method(name)(type(class_name, (adapter,), body))
 
@@ -158,6 +165,13 @@ def _bound_init(adapter: type, name: str, load_config: Callable[..., Any]) -> Ca
         self.variant = None if config_path is None else config_variant(name, config, load_config(name, None))
 
     return __init__
+
+
+def _bound_native(name: str, load_config: Callable[..., Any]) -> classmethod:
+    def native_protocol(cls: type, config_path: Path | None = None) -> str | None:
+        return load_config(name, config_path).native_protocol
+
+    return classmethod(native_protocol)
 
 
 def check_config_owner(method: str, config: Any, path: Path) -> None:

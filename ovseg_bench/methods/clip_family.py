@@ -51,6 +51,7 @@ class ClipFamilyConfig:
     attention: str
     paper: str
     variant_of: str | None = None  # a --config file named after itself, run as a variant of this method
+    native_protocol: str | None = None  # the preset `--protocol native` resolves to; None: none shipped yet
     model: str = "ViT-B-16"
     pretrained: str = "openai"
     normalisation: str = "clip"
@@ -106,7 +107,7 @@ class ClipFamily(DenseFeatureMethod):
     def settings(self, dataset: str) -> dict[str, Any]:
         cfg = dataclasses.asdict(self.config)
         # weights() records the weights actually used, and the result the variant (Method.variant).
-        for key in ("per_dataset", "model", "pretrained", "variant_of"):
+        for key in ("per_dataset", "model", "pretrained", "variant_of", "native_protocol"):
             cfg.pop(key)
         cfg.update({key: self.config.knob(key, dataset) for key in PER_DATASET_KEYS})
         cfg["pamr_settings"] = PAMR_SETTINGS.get(self.config.pamr)

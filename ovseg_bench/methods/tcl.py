@@ -66,6 +66,8 @@ class TclConfig:
 
     name: str
     paper: str
+    variant_of: str | None = None  # a --config file named after itself, run as a variant of this method
+    native_protocol: str | None = None  # the preset `--protocol native` resolves to
     model: str = "ViT-B-16"
     pretrained: str = "openai"
     normalisation: str = "imagenet"
@@ -319,7 +321,8 @@ class Tcl(DenseFeatureMethod):
 
     def settings(self, dataset: str) -> dict[str, Any]:
         cfg = dataclasses.asdict(self.config)
-        for key in ("model", "pretrained"):  # weights() records the ones actually used
+        # weights() records the weights actually used, the result the variant and the preset.
+        for key in ("model", "pretrained", "variant_of", "native_protocol"):
             cfg.pop(key)
         cfg["pamr_settings"] = dict(TCL_PAMR) if self.config.pamr else None
         cfg["pos_resize"] = "tcl"
