@@ -25,7 +25,7 @@ from .results import scan_results_with_skipped, skipped_note
 # Identity, then numbers, then circumstances; ``setting.<key>`` columns follow, sorted.
 COLUMNS = (
     "method", "variant", "config_sha256", "architecture", "weights", "random", "dataset", "track", "protocol",
-    "fingerprint", "precision", "limit", "mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width",
+    "fingerprint", "precision", "limit", "mIoU", "aAcc", "mAcc", "oIoU", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width",
     "images_seen", "images_expected", "seconds", "images_per_s", "path",
 )
 SETTING_PREFIX = "setting."
@@ -67,7 +67,7 @@ def results_frame(found: list[tuple[Path, dict[str, Any]]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=[*COLUMNS, *settings])
     for column in ("limit", "images_seen", "images_expected"):
         frame[column] = frame[column].astype("Int64")
-    for column in ("mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width", "seconds",
+    for column in ("mIoU", "aAcc", "mAcc", "oIoU", "mIoU_ci_low", "mIoU_ci_high", "mIoU_ci_half_width", "seconds",
                    "images_per_s"):
         frame[column] = frame[column].astype("float64")
     frame["random"] = frame["random"].astype(bool)
@@ -95,7 +95,7 @@ def result_row(result: dict[str, Any], path: Path) -> dict[str, Any]:
         "dataset": result["dataset"]["name"], "track": result["dataset"].get("track", "semantic"),
         "protocol": protocol["preset"], "fingerprint": protocol["fingerprint"],
         "precision": protocol.get("precision"), "limit": protocol.get("limit"),
-        "mIoU": metrics["mIoU"], "aAcc": metrics.get("aAcc"), "mAcc": metrics.get("mAcc"),
+        "mIoU": metrics["mIoU"], "aAcc": metrics.get("aAcc"), "mAcc": metrics.get("mAcc"), "oIoU": metrics.get("oIoU"),
         "mIoU_ci_low": low, "mIoU_ci_high": high, "mIoU_ci_half_width": half,
         "images_seen": images.get("seen"), "images_expected": images.get("expected"),
         "seconds": timing.get("seconds"), "images_per_s": timing.get("images_per_s"), "path": str(path),

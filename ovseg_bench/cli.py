@@ -45,7 +45,9 @@ def _add_data(sub: Any) -> None:
                        help="also read every file: GT vs image size (EXIF applied), label values per card, "
                             "EXIF-rotated images, GT sha256 against the ovseg_gt_sha256.json that data prepare writes")
     prepare = data_sub.add_parser("prepare", help="download, extract and convert a benchmark into the MMSegmentation layout")
-    prepare.add_argument("names", nargs="+", help="voc | context | coco_stuff | coco_object | cityscapes | ade20k | all")
+    prepare.add_argument("names", nargs="+",
+                         help="voc | context | coco_stuff | coco_object | cityscapes | ade20k | all (downloads); "
+                              "refcoco | refcoco+ | refcocog | referring | coco2014 (converted in place)")
     prepare.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
     prepare.add_argument("--download-dir", type=Path, default=None, help="where archives are kept (default: DATA_ROOT/downloads)")
     prepare.add_argument("--from-archive", type=Path, action="append", default=[],
@@ -124,6 +126,9 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--predictions-out-of-range", default="error", choices=("error", "ignore"),
                      help="prediction values outside the classes (not 255): error (default) or ignore, "
                           "mmseg's drop, recorded in the result")
+    run.add_argument("--bg-threshold", type=float, default=None,
+                     help="saved CAMs (label-conditioned track, --method predictions): the fixed background threshold "
+                          "on the 0.30..0.60 grid (default: 0.45)")
     run.add_argument("--batch-size", type=int, default=None,
                      help="windows per forward pass, across images (default: 16 on CUDA, 1 on CPU)")
     run.add_argument("--workers", type=int, default=None,
@@ -184,14 +189,14 @@ def _delegate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .engine.runner import EngineOptions
-    from .methods.base import WeightsOptions
+    from .methods.base import MethodInputs, WeightsOptions
     from .plan import RunRequest, default_data_root, expand_datasets, run_plan
 
     request = RunRequest(
         method=args.method, datasets=expand_datasets(args.dataset), protocol=args.protocol,
         data_root=args.data_root or default_data_root(), output=args.output,
-        weights=WeightsOptions(args.model, args.pretrained, args.checkpoint, tuple(args.predictions),
-                               args.predictions_out_of_range),
+        weights=WeightsOptions(args.model, args.pretrained, args.checkpoint),
+        inputs=MethodInputs(tuple(args.predictions), args.predictions_out_of_range, args.bg_threshold),
         method_config=args.config, device=args.device, limit=args.limit, resume=args.resume,
         save_predictions=args.save_predictions, visualize=args.visualize,
         engine=EngineOptions(args.batch_size, args.workers, args.precision, args.on_error, args.quiet))
@@ -213,24 +218,40 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """Datasets x (mIoU ± CI half-width, aAcc, mAcc, images) plus the Avg row; random weights flagged."""
+    """One table per track: datasets x (mIoU ± CI half-width, the track's own columns, the
+    fingerprint, items) plus the Avg row; random weights flagged."""
     from tabulate import tabulate
 
-    rows = [[r["dataset"]["name"], _miou_cell(r["metrics"]), r["metrics"]["aAcc"], r["metrics"]["mAcc"],
-             f"{r['images']['seen']}/{r['images']['expected']}"] for r in results]
-    if len(results) > 1:
-        rows.append(["Avg", f"{round(sum(r['metrics']['mIoU'] for r in results) / len(results), 2):.2f}", "", "", ""])
+    from .tracks import get_track
+
     first = results[0]
-    title = (f"{first['method']['name']} | protocol {first['protocol']['preset']} "
-             f"({first['protocol']['fingerprint'][:8]}) | {first['protocol']['precision']} | "
-             "mIoU ± half-width of its 95% bootstrap interval over images")
+    title = (f"{first['method']['name']} | protocol {first['protocol']['preset']} | {first['protocol']['precision']} "
+             "| mIoU ± half-width of its 95% bootstrap interval")
     if first["method"]["weights"].get("random"):
         from .methods.clip_model import RANDOM_WEIGHTS_NOTE
 
         title += "\n" + RANDOM_WEIGHTS_NOTE
-    table = tabulate(rows, headers=["dataset", "mIoU", "aAcc", "mAcc", "images"], floatfmt=".2f",
-                     colalign=("left", "right"))
-    return title + "\n" + table
+    parts = [title]
+    for track_name in dict.fromkeys(r["dataset"]["track"] for r in results):
+        group = [r for r in results if r["dataset"]["track"] == track_name]
+        columns = get_track(track_name).console_columns
+        rows = [[r["dataset"]["name"], _miou_cell(r["metrics"]), *(_cell(r["metrics"], c) for c in columns),
+                 r["protocol"]["fingerprint"][:8], f"{r['images']['seen']}/{r['images']['expected']}"] for r in group]
+        if len(group) > 1:
+            avg = round(sum(r["metrics"]["mIoU"] for r in group) / len(group), 2)
+            rows.append(["Avg", f"{avg:.2f}", *([""] * len(columns)), "", ""])
+        headers = ["dataset", "mIoU", *columns, "fingerprint", "items"]
+        parts.append(f"[{track_name}]" if len(results) != len(group) or track_name != "semantic" else "")
+        parts.append(tabulate(rows, headers=headers, floatfmt=".2f", colalign=("left", "right")))
+    return "\n".join(p for p in parts if p)
+
+
+def _cell(metrics: dict[str, Any], column: str) -> Any:
+    """A console cell: a metric (``best`` = the best background threshold and its mIoU)."""
+    value = metrics.get(column)
+    if isinstance(value, dict):
+        return f"{value['bg_threshold']}: {value['mIoU']:.2f}"
+    return "–" if value is None else value
 
 
 def _miou_cell(metrics: dict[str, Any]) -> str:

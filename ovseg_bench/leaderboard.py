@@ -1,7 +1,8 @@
 """Result files -> the markdown leaderboard: pandas for the tables, tabulate for markdown, matplotlib for charts.
 
 ``ovseg-bench leaderboard --results DIR [--out FILE] [--reported FILE]`` writes one table per
-(track, protocol fingerprint) into ``--out`` (default ``runs/leaderboard/README.md``, beside the
+(track, preset, precision, image limit), its dataset columns each with its own fingerprint
+(result schema v2 fingerprints are per dataset), into ``--out`` (default ``runs/leaderboard/README.md``, beside the
 runs and ignored by git: the repository's tracked ``leaderboard/README.md`` is only written when
 named explicitly) and one page plus one per-class bar chart per result into
 ``<out folder>/details/``. Rows are distinct runs: (method, config variant, backbone, weights);
@@ -26,8 +27,8 @@ Rules (each one is also stated in the generated file, where it applies):
   ``· config 1a2b3c4d``, one row per digest; nothing is dropped.
 - Random weights and ``--limit`` runs are flagged in the row label; cells of runs that scored
   fewer images than the split holds (without ``--limit``) are marked ``†``.
-- Several results of the same run, i.e. one (track, fingerprint, method, variant, config digest,
-  weights, dataset): the one with the lexicographically last file name (then relative path) is
+- Several results of the same run, i.e. one (table, method, variant, config digest, weights,
+  dataset), also when measured under another fingerprint of that dataset: the one with the lexicographically last file name (then relative path) is
   kept, the others are listed as set aside (and counted on stderr). File modification times are
   never used: they differ between clones.
 - JSON files that declare no result schema (a ``notes.json``) are skipped and named on stderr.
@@ -62,7 +63,7 @@ DEFAULT_OUT = Path("runs/leaderboard/README.md")  # never the tracked leaderboar
 # ``config_row`` is the config digest where rows must be told apart by it, else "" (see collect).
 RUN_KEY = ["method", "architecture", "weights", "random", "variant_key"]
 ROW_KEY = [*RUN_KEY, "config_row"]
-RESULT_KEY = ["track", "fingerprint", *RUN_KEY, "config_sha256", "dataset"]
+RESULT_KEY = ["table", *RUN_KEY, "config_sha256", "dataset"]
 SHOWN_DUPLICATES = 3  # set-aside file names on the stderr line; the markdown lists them all
 
 FOOTNOTES = {  # order of appearance under a table
@@ -179,6 +180,7 @@ def collect(results_dir: Path) -> Measured:
     frame["rel"] = [path.relative_to(root).as_posix() if root.is_dir() else path.name for path, _ in found]
     frame["name"] = [path.name for path, _ in found]
     frame["variant_key"] = [variant if isinstance(variant, str) else "" for variant in frame["variant"]]
+    frame["table"] = [table_key(row) for _, row in frame.iterrows()]
     results = dict(zip(frame["rel"], (result for _, result in found)))
     frame = frame.sort_values([*RESULT_KEY, "name", "rel"], kind="stable").reset_index(drop=True)
     last = ~frame.duplicated(RESULT_KEY, keep="last")
@@ -190,6 +192,14 @@ def collect(results_dir: Path) -> Measured:
     return Measured(kept, results, set_aside, tuple(skipped))
 
 
+def table_key(row: pd.Series) -> str:
+    """Which table a result goes to: its track, preset, precision and image limit. Fingerprints
+    are per dataset (result schema v2), so one table holds a column per dataset, each column
+    with its own fingerprint (listed under the table)."""
+    limit = "all" if pd.isna(row["limit"]) else f"limit {int(row['limit'])}"
+    return f"{row['track']}|{row['protocol']}|{row['precision']}|{limit}"
+
+
 def _config_rows(kept: pd.DataFrame) -> list[str]:
     """Per result: its config digest where its run key is ambiguous in its table, else "".
 
@@ -199,7 +209,7 @@ def _config_rows(kept: pd.DataFrame) -> list[str]:
     files without a variant, or one variant name for two configs) is the digest added, so that
     both stay visible instead of one hiding the other in a cell.
     """
-    table_run = ["track", "fingerprint", *RUN_KEY]
+    table_run = ["table", *RUN_KEY]
     digests = kept.groupby([*table_run, "dataset"], sort=False)["config_sha256"].transform("nunique")
     ambiguous = (digests > 1).groupby([kept[c] for c in table_run], sort=False).transform("any")
     return [digest if flag else "" for digest, flag in zip(kept["config_sha256"], ambiguous)]
@@ -219,7 +229,7 @@ class Table:
     title: str
     track: str
     preset: str | None            # None: the "Reported elsewhere" table
-    fingerprint: str              # "" for reported-only tables
+    key: str                      # table_key of its results; "" for reported-only tables
     limit: int | None
     measured: pd.DataFrame
     reported: tuple[ReportedEntry, ...]
@@ -227,16 +237,17 @@ class Table:
 
 def tables(measured: Measured, reported: Reported) -> list[Table]:
     """Tables by track, then preset (in order of first use in reported.yaml, then by name), measured
-    tables (by fingerprint) before a preset's reported-only table; "Reported elsewhere" last."""
+    tables (by precision and limit) before a preset's reported-only table; "Reported elsewhere" last."""
     out, frame = [], measured.frame
-    for (track, preset, fp), group in frame.groupby(["track", "protocol", "fingerprint"], sort=True):
+    for key, group in frame.groupby("table", sort=True):
         first = group.iloc[0]
+        track, preset = first["track"], first["protocol"]
         limit = None if pd.isna(first["limit"]) else int(first["limit"])
-        title = f"{track} · protocol `{preset}` · fingerprint `{fp[:8]}` · {first['precision']}"
+        title = f"{track} · protocol `{preset}` · {first['precision']}"
         title += f" · limit {limit}" if limit is not None else ""
         # A --limit run is a quick check, not comparable with full-split numbers: no reported rows there.
         rows = () if limit is not None else _reported_under(reported, preset, track)
-        out.append(Table(title, track, preset, fp, limit, group, rows))
+        out.append(Table(title, track, preset, key, limit, group, rows))
     shown = {(t.preset, t.track) for t in out if t.reported}
     empty = frame.iloc[0:0]
     for entry in reported.entries:
@@ -246,7 +257,7 @@ def tables(measured: Measured, reported: Reported) -> list[Table]:
             title = f"{entry.track} · protocol `{entry.protocol}` · reported only"
             out.append(Table(title, entry.track, entry.protocol, "", None, empty, _reported_under(reported, *key)))
     rank = {p: i for i, p in enumerate(dict.fromkeys(e.protocol for e in reported.entries))}
-    out.sort(key=lambda t: (t.track, rank.get(t.preset, len(rank)), t.preset, not len(t.measured), t.fingerprint))
+    out.sort(key=lambda t: (t.track, rank.get(t.preset, len(rank)), t.preset, not len(t.measured), t.key))
     own = tuple(e for e in reported.entries if e.protocol == OWN_PROTOCOL)
     if own:
         out.append(Table("Reported elsewhere (each paper's own protocol)", "", None, "", None, empty, own))
@@ -274,10 +285,23 @@ def render_table(table: Table) -> str:
     text = tabulate(frame, headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True,
                     colalign=("left",) * 3 + ("right",) * (len(columns) + 1))
     lines = [f"## {table.title}", "", text, ""]
+    fingerprints = _column_fingerprints(table)
+    lines += [fingerprints, ""] if fingerprints else []
     lines += [f"{FOOTNOTES[key]}  " for key in FOOTNOTES if key in used]
     differences = _difference_note(table)
     lines += [differences] if differences else []
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _column_fingerprints(table: Table) -> str:
+    """The fingerprint of each dataset column; a column lists several when its rows were measured
+    under different settings (another card version, an edited preset): compare within one."""
+    if not len(table.measured):
+        return ""
+    per_column = table.measured.groupby("dataset", sort=False)["fingerprint"].unique()
+    columns = [c for c in _columns(table) if c in per_column.index]
+    listed = ", ".join(f"{c} " + " / ".join(f"`{fp[:8]}`" for fp in sorted(per_column[c])) for c in columns)
+    return f"Fingerprints (per dataset: its settings, the metric, precision, images): {listed}."
 
 
 def _reference(table: Table, method: str, backbone: str) -> ReportedEntry | None:
@@ -394,18 +418,45 @@ def details_page(result: dict[str, Any], row: pd.Series) -> str:
         ("protocol", f"`{protocol['preset']}`, {protocol.get('precision')}" + (f", ⚠ limit {limit}" if limit else "")),
         ("fingerprint", f"`{protocol['fingerprint']}`"),
         ("images", f"{images.get('seen')} seen / {images.get('expected')} in the split"),
-        ("mIoU", miou), ("aAcc / mAcc", f"{metrics['aAcc']:.2f} / {metrics['mAcc']:.2f}"),
+        ("mIoU", miou), *_track_facts(metrics),
     ]
     header = tabulate([[k, _escape(v)] for k, v in facts], headers=["", ""], tablefmt="pipe", disable_numparse=True)
-    per_class = [[_escape(name), _percent(v.get("iou")), _percent(v.get("acc"))]
-                 for name, v in metrics["per_class"].items()]
-    classes = tabulate(per_class, headers=["class", "IoU", "Acc"], tablefmt="pipe", disable_numparse=True,
-                       colalign=("left", "right", "right"))
     title = f"{run_label(row)} · {dataset['name']} · `{protocol['preset']}` `{protocol['fingerprint'][:8]}`"
-    return "\n".join([GENERATED, f"# {title}", "", header, "", f"![per-class IoU]({row['page']}.png)", "",
-                      "Per class, in label order (IoU – = the class is neither in the ground truth nor predicted; "
-                      "Acc – = the class is not in the ground truth):", "",
-                      classes, ""])
+    chart = "threshold curve" if "curve" in metrics else "per-class IoU"
+    lines = [GENERATED, f"# {title}", "", header, ""]
+    lines += [f"![{chart}]({row['page']}.png)", ""] if chart_kind(result) else []
+    if "per_class" in metrics:
+        per_class = [[_escape(name), _percent(v.get("iou")), _percent(v.get("acc"))]
+                     for name, v in metrics["per_class"].items()]
+        classes = tabulate(per_class, headers=["class", "IoU", "Acc"], tablefmt="pipe", disable_numparse=True,
+                           colalign=("left", "right", "right"))
+        lines += ["Per class, in label order (IoU – = the class is neither in the ground truth nor predicted; "
+                  "Acc – = the class is not in the ground truth):", "", classes, ""]
+    return "\n".join(lines)
+
+
+def _track_facts(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The track's own numbers beside mIoU (whatever the result holds)."""
+    facts = []
+    if "aAcc" in metrics:
+        facts.append(("aAcc / mAcc", f"{metrics['aAcc']:.2f} / {metrics['mAcc']:.2f}"))
+    if "oIoU" in metrics:
+        precision = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("P@"))
+        facts += [("oIoU", f"{metrics['oIoU']:.2f}"), ("precision", precision)]
+    if "curve" in metrics:
+        best = metrics["best"]
+        facts += [("background threshold", metrics["bg_threshold"]),
+                  ("best threshold", f"{best['bg_threshold']}: mIoU {best['mIoU']:.2f}"
+                   + (" (chosen on the evaluated split)" if best.get("chosen_on_evaluated_split") else ""))]
+    if "labels_from" in metrics:
+        facts.append(("image labels from", metrics["labels_from"]))
+    return facts
+
+
+def chart_kind(result: dict[str, Any]) -> str | None:
+    """Which chart a result's page shows: its threshold curve, its per-class IoU, or none."""
+    metrics = result["metrics"]
+    return "curve" if "curve" in metrics else ("bars" if "per_class" in metrics else None)
 
 
 def _percent(value: float | None) -> str:
@@ -448,6 +499,38 @@ def bar_chart(result: dict[str, Any], row: pd.Series) -> bytes:
     return buffer.getvalue()
 
 
+def curve_chart(result: dict[str, Any], row: pd.Series) -> bytes:
+    """mIoU along the background-threshold grid (label-conditioned track), the fixed and the
+    best threshold marked; identical bytes for identical results (as :func:`bar_chart`)."""
+    import matplotlib.style
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = result["metrics"]
+    xs = [float(p["bg_threshold"]) for p in metrics["curve"]]
+    ys = [p["mIoU"] for p in metrics["curve"]]
+    with matplotlib.style.context("default"):
+        figure = Figure(figsize=(7.0, 3.6), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        axes.plot(xs, ys, color="#4c72b0", marker=".", linewidth=1)
+        axes.axvline(float(metrics["bg_threshold"]), color="#c44e52", linestyle="--", linewidth=1, label="fixed")
+        axes.axvline(float(metrics["best"]["bg_threshold"]), color="#55a868", linestyle=":", linewidth=1,
+                     label="best (chosen on the evaluated split)")
+        axes.set_xlabel("background threshold")
+        axes.set_ylabel("pseudo-mask mIoU (%)")
+        axes.legend(loc="lower right", fontsize=7)
+        title = f"{run_label(row)} · {row['dataset']} · {row['protocol']} {row['fingerprint'][:8]}"
+        axes.set_title(title + (" · RANDOM WEIGHTS" if row["random"] else ""), fontsize=9)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+CHARTS = {"bars": bar_chart, "curve": curve_chart}
+
+
 # ----------------------------------------------------------------------------- the whole document
 
 @dataclasses.dataclass(frozen=True)
@@ -462,13 +545,15 @@ class Leaderboard:
 
 
 INTRO = """\
-mIoU (%) per benchmark: one table per track and protocol fingerprint (the hash of every effective
-setting: resize, windows, class names, precision, image limit), so only numbers measured the same
-way share a table. Rows are methods with their backbone (open_clip architecture) and weights;
-columns are the datasets, then Avg = the mean of the eight benchmarks present in the row. A cell
-is mIoU ± the half width of its 95% bootstrap interval over images (when the result has one) and
-links to the result's page with per-class IoU and a bar chart. Reported numbers from papers and
-READMEs are rows of their own, marked "reported" with their verification tag; a measured row
+mIoU (%) per benchmark: one table per track, protocol preset, precision and image limit. Every
+dataset column lists its fingerprint under the table (the hash of the dataset's effective
+settings: resize, windows, class names, plus the metric, precision and image limit), so only
+numbers measured the same way share a column, and tracks (zero-shot semantic, referring,
+label-conditioned) never share a table. Rows are methods with their backbone (open_clip
+architecture) and weights; columns are the datasets, then Avg = the mean of the eight benchmarks
+present in the row. A cell is mIoU ± the half width of its 95% bootstrap interval (when the result
+has one) and links to the result's page with its details and a chart. Reported numbers from papers
+and READMEs are rows of their own, marked "reported" with their verification tag; a measured row
 shows in parentheses its difference from the reported value of the same method."""
 
 
@@ -488,7 +573,9 @@ def build_leaderboard(results_dir: Path, reported: Reported, *, command: str) ->
     for _, row in frame.iterrows():
         result = measured.results[row["rel"]]
         details[f"{row['page']}.md"] = details_page(result, row).encode()
-        details[f"{row['page']}.png"] = bar_chart(result, row)
+        kind = chart_kind(result)
+        if kind is not None:
+            details[f"{row['page']}.png"] = CHARTS[kind](result, row)
     markdown = "\n".join(part for part in parts if part is not None).rstrip() + "\n"
     return Leaderboard(markdown, details, len(frame), real, len(all_tables), measured.set_aside, measured.skipped)
 

@@ -32,7 +32,7 @@ from .engine.protocol import PRECISIONS, ProtocolPreset, fingerprint, image_rule
 from .engine.runner import (EngineOptions, Evaluation, Work, autocast_context, evaluate, load_partial,
                             resolve_device, resolve_save_every, save_partial)
 from .errors import ConfigError, DataError, TrackError
-from .methods.base import Method, WeightsOptions
+from .methods.base import Method, MethodInputs, WeightsOptions
 from .identity import config_digest
 from .registry import get_method
 from .tracks import get_track
@@ -50,6 +50,7 @@ class RunRequest:
     data_root: Path = Path("data")
     output: Path = Path("runs")
     weights: WeightsOptions = WeightsOptions()
+    inputs: MethodInputs = MethodInputs()  # method inputs that are not weights (--predictions, ...)
     method_config: Path | None = None
     device: str = "auto"
     limit: int | None = None         # first N images of each listing (recorded in the fingerprint)
@@ -102,6 +103,7 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
     cards = _unique_cards(request.datasets)  # unknown names fail before any work
     names = tuple(card.name for card in cards)
     method_cls = get_method(request.method)
+    _refuse_undeclared_inputs(request.inputs, method_cls)
     preset = load_protocol(resolve_protocol(request.protocol, method_cls, request.method_config))
     for card in cards:
         if card.track not in method_cls.tracks:
@@ -109,14 +111,15 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
                              f"dataset '{card.name}' is a '{card.track}' benchmark")
     device = resolve_device(request.device)
     autocast_context(device, request.engine.precision)  # refuse fp16 on the CPU before loading weights
-    require_datasets(cards, request.data_root)  # every missing dataset named at once, before any work
+    # Every missing dataset named at once, before any work; each track knows its own layout.
+    require_datasets(cards, request.data_root, missing=lambda card, root: get_track(card.track).first_missing(card, root))
     listed = [_listed_samples(card, request) for card in cards]
     ranks, device = distributed.init(device)
     try:
         engine = request.engine.for_device(device)
         engine = engine if ranks.main else dataclasses.replace(engine, quiet=True)
         with distributed.main_first(ranks):  # one download into the shared cache
-            method = method_cls(request.weights, device, request.method_config)
+            method = method_cls(request.weights, device, request.method_config, inputs=request.inputs)
         method.check_datasets(names)
         job = _Job(request, preset, method, engine, device, ranks)
         results = []
@@ -129,6 +132,15 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
         return results
     finally:
         distributed.shutdown(ranks)
+
+
+def _refuse_undeclared_inputs(inputs: MethodInputs, method_cls: type[Method]) -> None:
+    undeclared = [name for name in inputs.given() if name not in method_cls.inputs]
+    if undeclared:
+        options = ", ".join("--" + name.replace("_", "-") for name in undeclared)
+        takers = "takes none" if not method_cls.inputs else f"takes only {', '.join(method_cls.inputs)}"
+        raise ConfigError(f"{options}: not an input of method '{method_cls.name}', which {takers}; "
+                          "drop it, or pick the method it belongs to (e.g. --method predictions)")
 
 
 def _unique_cards(datasets: tuple[str, ...]) -> list[DatasetCard]:
@@ -193,7 +205,8 @@ def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str)
                 on_block=lambda state: save_partial(partial, state, identity), source=str(partial))
     track = get_track(card.track)
     scorer = track.scorer(job.method, card, settings, job.engine, job.device, on_item=hook)
-    return evaluate(scorer, track.reader(card, samples, settings), samples, job.engine, desc=card.name, work=work)
+    reader = track.reader(card, samples, settings, request.data_root)
+    return evaluate(scorer, reader, samples, job.engine, desc=card.name, work=work)
 
 
 def partial_path(output: Path, stem: str, ranks: Ranks) -> Path:
@@ -299,7 +312,8 @@ def _validate(request: RunRequest) -> None:
 def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation, num_listed: int) -> dict[str, Any]:
     request, engine, method = job.request, job.engine, job.method
     counts = evaluation.counts
-    blocks = get_track(card.track).result_blocks(card, evaluation)
+    track = get_track(card.track)
+    blocks = track.result_blocks(card, evaluation)
     seconds = evaluation.seconds
     config = _plain(method.settings(card.name))
     return {
@@ -307,16 +321,17 @@ def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation,
         "method": {"name": request.method, "variant": method.variant, "config": config,
                    "config_sha256": config_digest(config), "weights": _plain(method.weights())},
         "dataset": {"name": card.name, "title": card.title, "split": card.split, "track": card.track,
-                    "card_version": card.card_version, "num_classes": card.num_classes,
-                    "classes": list(card.class_names()), "classnames": settings.classnames,
-                    "data_root": str(Path(request.data_root).resolve()) if not card.embedded else "(embedded)"},
+                    "card_version": card.card_version, **track.dataset_fields(card, settings),
+                    "data_root": "(embedded)" if getattr(card, "embedded", False)
+                    else str(Path(request.data_root).resolve())},
         "protocol": {"preset": job.preset.name, "requested": request.protocol, "fingerprint": job.fingerprint(card),
                      "settings": dataclasses.asdict(settings), "precision": request.engine.precision,
                      "limit": request.limit, "images": image_rule(request.limit)},
         "metrics": blocks["metrics"],
         "counts": blocks["counts"],
-        "images": {"seen": counts.num_items, "listed": num_listed, "expected": card.num_images,
+        "images": {"seen": counts.num_items, "listed": num_listed, "expected": track.expected_items(card),
                    "windows": evaluation.num_windows, "skipped": evaluation.skipped,
+                   "unanswered": evaluation.unanswered,
                    "ids_sha256": image_ids_digest(evaluation.image_ids)},
         "env": environment(str(job.device)),
         "timing": {"seconds": round(seconds, 3),

@@ -44,8 +44,11 @@ from .atomic import atomic_write
 
 BASELINE_SCHEMA = "ovseg-bench/baseline/v1"
 COUNT_NAMES = ("intersect", "union", "pred", "label")
-METRIC_NAMES = ("mIoU", "aAcc", "mAcc")
-ENTRY_FIELDS = ("method", "dataset", "protocol", "fingerprint", "limit", "classes", "images", "counts", *METRIC_NAMES)
+# Gated metrics, those a result has: semantic and label-conditioned (mIoU, aAcc, mAcc, and the
+# label-conditioned threshold curve), referring (mIoU, oIoU). Counts: every list a result holds.
+METRIC_NAMES = ("mIoU", "aAcc", "mAcc", "oIoU", "curve")
+ALL_ITEMS = "(all items)"  # the one "class" of counts totalled over samples (referring: sum I, sum U)
+ENTRY_FIELDS = ("method", "dataset", "protocol", "fingerprint", "limit", "classes", "images", "counts", "mIoU")
 MAX_MOVED_ROWS = 40  # classes listed per changed entry in exact mode
 
 
@@ -95,11 +98,17 @@ def entry_from_result(result: dict[str, Any]) -> dict[str, Any]:
         "method": result["method"]["name"], **({"variant": variant} if variant else {}),
         "dataset": result["dataset"]["name"],
         "protocol": result["protocol"]["preset"], "fingerprint": result["protocol"]["fingerprint"],
-        "limit": result["protocol"].get("limit"), "classes": list(result["dataset"]["classes"]),
+        "limit": result["protocol"].get("limit"),
+        "classes": list(result["dataset"].get("classes", [ALL_ITEMS])),
         "images": {"seen": result["images"]["seen"], "ids_sha256": result["images"]["ids_sha256"]},
-        **{name: result["metrics"][name] for name in METRIC_NAMES},
-        "counts": {name: [int(v) for v in result["counts"][name]] for name in COUNT_NAMES},
+        **{name: _gated(result["metrics"][name]) for name in METRIC_NAMES if name in result["metrics"]},
+        "counts": {name: [int(v) for v in values] for name, values in result["counts"].items()},
     }
+
+
+def _gated(value: Any) -> Any:
+    """A metric as the baseline keeps it: the curve as its mIoU per threshold."""
+    return {row["bg_threshold"]: row["mIoU"] for row in value} if isinstance(value, list) else value
 
 
 def current_entries(folder: Path, *, warn: Warn | None = None) -> dict[str, tuple[Path, dict[str, Any]]]:
@@ -211,7 +220,7 @@ def compare_entry(key: str, base: dict[str, Any] | None, *, found: tuple[Path, d
     if why:
         return Verdict(key, base, now, source, "NOT COMPARABLE", 2, why)
     if tolerance == 0:
-        same = base["counts"] == now["counts"] and all(base[m] == now[m] for m in METRIC_NAMES)
+        same = base["counts"] == now["counts"] and all(base.get(m) == now.get(m) for m in METRIC_NAMES)
         return Verdict(key, base, now, source, "same" if same else "CHANGED", 0 if same else 1)
     drop = round(base["mIoU"] - now["mIoU"], 2)
     if drop > tolerance:
@@ -223,11 +232,15 @@ def moved_classes(base: dict[str, Any], now: dict[str, Any]) -> list[list[Any]]:
     """Rows (class, per-count change, IoU before/after in percent) for classes whose counts moved."""
     rows = []
     for c, name in enumerate(base["classes"]):
-        deltas = [now["counts"][k][c] - base["counts"][k][c] for k in COUNT_NAMES]
+        deltas = [now["counts"][k][c] - base["counts"][k][c] for k in _count_names(base)]
         if any(deltas):
             rows.append([c, name, *(f"{d:+d}" if d else "" for d in deltas),
                          _iou(base["counts"], c), _iou(now["counts"], c)])
     return rows
+
+
+def _count_names(entry: dict[str, Any]) -> list[str]:
+    return [name for name in COUNT_NAMES if name in entry["counts"]] or sorted(entry["counts"])
 
 
 def _iou(counts: dict[str, list[int]], c: int) -> str:
@@ -261,12 +274,12 @@ def _changes_report(v: Verdict) -> str:
 
     rows = moved_classes(v.baseline, v.now)
     lines = [f"\n{v.key}: counts moved in {len(rows)} class(es) ({v.source})"]
-    metrics = [f"{m} {v.baseline[m]} -> {v.now[m]}" for m in METRIC_NAMES if v.baseline[m] != v.now[m]]
+    metrics = [f"{m} {v.baseline.get(m)} -> {v.now.get(m)}" for m in METRIC_NAMES if v.baseline.get(m) != v.now.get(m)]
     if metrics:
         lines.append("  " + ", ".join(metrics))
     if rows:
         shown = rows[:MAX_MOVED_ROWS]
-        lines.append(tabulate(shown, headers=["#", "class", *COUNT_NAMES, "IoU before", "IoU now"],
+        lines.append(tabulate(shown, headers=["#", "class", *_count_names(v.baseline), "IoU before", "IoU now"],
                               disable_numparse=True))
         if len(rows) > len(shown):
             lines.append(f"... and {len(rows) - len(shown)} more class(es)")

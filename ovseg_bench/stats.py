@@ -178,6 +178,37 @@ def ci_block(counts: Any, *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEF
             "resamples": int(resamples), "seed": int(seed), "method": CI_METHOD}
 
 
+def _referring_resamples(rows: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mIoU, oIoU) fractions of each resample of referring rows (int [samples, (I, U)])."""
+    rows = np.asarray(rows, dtype=np.float64)
+    n = rows.shape[0]
+    # GLCF's rule (Seonghoon-Yu/Zero-shot-RIS@75ff6ed utils.py Compute_IoU): U = 0 scores 0.
+    iou = np.divide(rows[:, 0], rows[:, 1], out=np.zeros(n), where=rows[:, 1] > 0)
+    mious, oious = [], []
+    for block in _index_blocks(n, resamples, seed):
+        offsets = np.arange(block.shape[0])[:, None] * n
+        weights = np.bincount((block + offsets).ravel(), minlength=block.size).reshape(block.shape).astype(np.float64)
+        totals = weights @ rows
+        mious.append(weights @ iou / n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            oious.append(np.where(totals[:, 1] > 0, totals[:, 0] / totals[:, 1], np.nan))
+    return np.concatenate(mious), np.concatenate(oious)
+
+
+def referring_ci_block(rows: Any, *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> dict[str, Any] | None:
+    """The referring result's ``metrics.ci95``: 95% percentile intervals of mIoU and oIoU over
+    samples (the same resampled samples for both); None with fewer than 2 samples."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != 2:
+        raise ValueError(f"referring rows must be [samples, 2], got {rows.shape}")
+    if rows.shape[0] < 2:
+        return None
+    mious, oious = _referring_resamples(rows, resamples, seed)
+    miou, oiou = _percentile_interval(mious), _percentile_interval(oious)
+    return {"mIoU": [miou.low, miou.high], "half_width": miou.half_width, "oIoU": [oiou.low, oiou.high],
+            "resamples": int(resamples), "seed": int(seed), "method": "percentile bootstrap over samples"}
+
+
 def paired_bootstrap(a_counts: Any, b_counts: Any, *, resamples: int = DEFAULT_RESAMPLES,
                      seed: int = DEFAULT_SEED) -> PairedDifference:
     """mIoU(B) - mIoU(A) with a 95% interval, resampling the SAME images for both.

@@ -20,7 +20,7 @@ from tests.conftest import call_cli, result_jsons, run_argv
 
 # The documented columns, in order (README "Python API"); method settings follow as setting.<key>.
 COLUMNS = ["method", "variant", "config_sha256", "architecture", "weights", "random", "dataset", "track", "protocol",
-           "fingerprint", "precision", "limit", "mIoU", "aAcc", "mAcc", "mIoU_ci_low", "mIoU_ci_high",
+           "fingerprint", "precision", "limit", "mIoU", "aAcc", "mAcc", "oIoU", "mIoU_ci_low", "mIoU_ci_high",
            "mIoU_ci_half_width", "images_seen", "images_expected", "seconds", "images_per_s", "path"]
 
 

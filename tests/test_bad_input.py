@@ -35,7 +35,7 @@ class _ConstantScores(WindowMethod):
     fill = 0.0
     normalisation = NORMALISATIONS["clip"]
 
-    def __init__(self, weights, device, config_path=None):
+    def __init__(self, weights, device, config_path=None, inputs=None):
         self.device = device
 
     def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> Vocabulary:
@@ -65,7 +65,7 @@ class _ReferringOnly(_ConstantScores):
     name = REFERRING_METHOD
     tracks = ("referring",)
 
-    def __init__(self, weights, device, config_path=None):  # pragma: no cover - must never be built
+    def __init__(self, weights, device, config_path=None, inputs=None):  # pragma: no cover - must never be built
         raise AssertionError("a method that cannot serve the track must be refused before it is built")
 
 

@@ -164,7 +164,7 @@ def test_maskclip_all_summary_table(maskclip_all):
     lines = stdout.rstrip("\n").splitlines()
     names = [line.split()[0] for line in lines[-9:]]  # the table ends with the 8 datasets and Avg
     assert names == [*ALL_BENCHMARKS, "Avg"], stdout
-    assert lines[-11].split() == ["dataset", "mIoU", "aAcc", "mAcc", "images"]
+    assert lines[-11].split() == ["dataset", "mIoU", "aAcc", "mAcc", "fingerprint", "items"]
     mious = [r["metrics"]["mIoU"] for _, r in maskclip_all["results"].values()]
     avg = float(lines[-1].split()[1])
     assert avg == pytest.approx(sum(mious) / len(mious), abs=0.006)

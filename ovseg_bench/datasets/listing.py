@@ -15,9 +15,10 @@ Listing only touches directories; GT files are checked by :func:`missing_gt` or 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
 from ..resources import cards_dir
@@ -91,14 +92,21 @@ def first_missing(card: DatasetCard, data_root: Path) -> tuple[str, Path] | None
     return None
 
 
-def require_datasets(cards: Sequence[DatasetCard], data_root: Path) -> None:
+MissingPiece = Callable[[Any, Path], "tuple[str, Path] | None"]
+
+
+def require_datasets(cards: Sequence[Any], data_root: Path, *, missing: MissingPiece | None = None) -> None:
     """Raise one DataError naming every card whose data are not in place (for ``--dataset all``).
+
+    ``missing(card, data_root)`` finds a card's first missing layout piece (what, path), each
+    track its own (``Track.first_missing``); default: the semantic layout's :func:`first_missing`.
 
     One line: "datasets not found under ROOT: voc (expected ROOT/VOCdevkit/VOC2012), ade20k
     (expected ...); <how the data root was chosen, how to pass another>; <how to prepare them>".
     When the data root itself is missing it says so instead of listing every folder under it.
     """
-    gone = [(card, piece) for card in cards if (piece := first_missing(card, data_root)) is not None]
+    missing = missing or first_missing
+    gone = [(card, piece) for card in cards if (piece := missing(card, data_root)) is not None]
     if not gone:
         return
     names = [card.name for card, _ in gone]

@@ -125,9 +125,16 @@ def prepare_command(args: Any) -> int:
     options = PrepareOptions(
         data_root=data_root, download_dir=Path(args.download_dir or data_root / "downloads"),
         from_archives=tuple(Path(p) for p in args.from_archive), workers=_workers(args.workers), quiet=args.quiet)
-    targets = resolve_targets(args.names)
+    local, targets = split_local_targets(args.names)
     _refuse_unknown_archives(targets, options.from_archives)
     outcomes, failed = [], []
+    for target in local:
+        try:
+            for line in LOCAL_TARGETS[target](data_root):
+                print(f"{target}: {line}")
+        except OvsegError as exc:
+            failed.append(target)
+            print(f"error: {target}: {exc}", file=sys.stderr)
     for target in targets:
         try:
             outcomes.append(prepare_target(PLANS[target], options))
@@ -142,6 +149,55 @@ def prepare_command(args: Any) -> int:
     return 1 if any(c.problems for o in outcomes for c in o.checks) else 0
 
 
+# --------------------------------------------------------------------------- in-place conversions
+# Referring and COCO 2014 data have no download here (the refer toolkit's zips and COCO's
+# annotations are fetched by hand); prepare converts them in place under the data root.
+
+def _prepare_refer(dataset: str, split_by: str) -> Callable[[Path], list[str]]:
+    def prepare(data_root: Path) -> list[str]:
+        from .refer import convert_refs
+
+        said: list[str] = []
+        path = convert_refs(data_root, dataset, split_by, report=said.append)
+        return said or [f"wrote {path}"]
+
+    return prepare
+
+
+def _prepare_coco2014(data_root: Path) -> list[str]:
+    from .label_conditioned import read_instances, render_coco2014_gt, write_coco2014_split
+
+    root, lines = Path(data_root) / "COCO2014", []
+    for split in ("train", "val"):
+        instances = root / "annotations" / f"instances_{split}2014.json"
+        if not instances.is_file():
+            raise DataError(f"{instances} not found; put COCO's annotations_trainval2014.zip contents under "
+                            f"{root / 'annotations'}")
+        data = read_instances(instances)
+        report = render_coco2014_gt(data, root / "SegmentationClass")
+        listed = write_coco2014_split(data, root / "ImageSets" / f"{split}2014.txt")
+        lines.append(f"{split}2014: {report.written} GT PNG(s) written, {report.skipped} already there; "
+                     f"{listed} image(s) listed in {root / 'ImageSets' / f'{split}2014.txt'}")
+    return lines
+
+
+LOCAL_TARGETS: dict[str, Callable[[Path], list[str]]] = {
+    "refcoco": _prepare_refer("refcoco", "unc"), "refcoco+": _prepare_refer("refcoco+", "unc"),
+    "refcocog": _prepare_refer("refcocog", "umd"), "coco2014": _prepare_coco2014}
+LOCAL_GROUPS = {"referring": ("refcoco", "refcoco+", "refcocog")}
+
+
+def split_local_targets(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(in-place targets, download targets) of the named ones; ``all`` means the downloads."""
+    local: list[str] = []
+    rest: list[str] = []
+    for item in names:
+        for name in filter(None, (part.strip() for part in item.split(","))):
+            group = LOCAL_GROUPS.get(name, (name,))
+            (local if all(n in LOCAL_TARGETS for n in group) else rest).extend(group)
+    return list(dict.fromkeys(local)), resolve_targets(rest) if rest else []
+
+
 def resolve_targets(names: Sequence[str]) -> list[str]:
     """``all`` -> every target; card names voc20/context59 -> their tree; unknown names fail."""
     chosen: list[str] = []
@@ -152,7 +208,8 @@ def resolve_targets(names: Sequence[str]) -> list[str]:
             elif _ALIASES.get(name, name) in TARGETS:
                 chosen.append(_ALIASES.get(name, name))
             else:
-                raise ConfigError(unknown_name_message("prepare target", name, [*TARGETS, "all"]))
+                raise ConfigError(unknown_name_message("prepare target", name,
+                                                       [*TARGETS, *LOCAL_TARGETS, *LOCAL_GROUPS, "all"]))
     return list(dict.fromkeys(chosen))
 
 

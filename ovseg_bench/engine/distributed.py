@@ -163,4 +163,5 @@ def merge_states(parts: list[dict[str, Any]], additive: torch.Tensor) -> Evaluat
     return Evaluation(counts, [ids[k] for k in order], [skipped[k] for k in skip_order],
                       sum(int(p["num_windows"]) for p in parts), max(float(p["seconds"]) for p in parts),
                       [scored_at[k] for k in order], [skipped_at[k] for k in skip_order],
-                      [image_id for _, image_id in processed])
+                      [image_id for _, image_id in processed],
+                      sorted((u for p in parts for u in p.get("unanswered", [])), key=lambda u: u["at"]))

@@ -90,13 +90,17 @@ class Evaluation:
     scored_at: list[int] = dataclasses.field(default_factory=list)
     skipped_at: list[int] = dataclasses.field(default_factory=list)
     processed_ids: list[str] = dataclasses.field(default_factory=list)
+    # Items the method could not answer ({"image_id", "at": listing position, "rule": skip|empty}):
+    # skipped ones are also in ``skipped``, empty ones were scored as empty answers.
+    unanswered: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain lists, numbers and CPU tensors (``torch.load(weights_only=True)`` reads them)."""
         return {"counts": self.counts.state_dict(), "image_ids": list(self.image_ids),
                 "scored_at": list(self.scored_at), "skipped": [dict(s) for s in self.skipped],
                 "skipped_at": list(self.skipped_at), "processed_ids": list(self.processed_ids),
-                "num_windows": int(self.num_windows), "seconds": float(self.seconds)}
+                "num_windows": int(self.num_windows), "seconds": float(self.seconds),
+                "unanswered": [dict(u) for u in self.unanswered]}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device | str = "cpu") -> "Evaluation":
@@ -105,7 +109,8 @@ class Evaluation:
             counts = counts_from_state(state["counts"], device)
             evaluation = cls(counts, list(state["image_ids"]), [dict(s) for s in state["skipped"]],
                              int(state["num_windows"]), float(state["seconds"]), list(state["scored_at"]),
-                             list(state["skipped_at"]), list(state["processed_ids"]))
+                             list(state["skipped_at"]), list(state["processed_ids"]),
+                             [dict(u) for u in state.get("unanswered", [])])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"not an evaluation state: {exc!r}") from None
         if len({len(evaluation.scored_at), len(evaluation.image_ids), counts.num_items}) != 1 \
@@ -204,6 +209,7 @@ class Scorer:
         self.scored_at: list[int] = []
         self.skipped_at: list[int] = []
         self.processed_ids: list[str] = []
+        self.unanswered: list[dict[str, Any]] = []
         self.num_windows = 0
         self._finished = 0
 
@@ -222,12 +228,14 @@ class Scorer:
         self.scored_at += start.scored_at
         self.skipped_at += start.skipped_at
         self.processed_ids += start.processed_ids
+        self.unanswered += start.unanswered
         self.num_windows += start.num_windows
 
     def evaluation(self, seconds: float) -> Evaluation:
         """A snapshot of the finished items (the counts object is shared, the lists copied)."""
         return Evaluation(self.counts, list(self.image_ids), list(self.skipped), self.num_windows, seconds,
-                          list(self.scored_at), list(self.skipped_at), list(self.processed_ids))
+                          list(self.scored_at), list(self.skipped_at), list(self.processed_ids),
+                          list(self.unanswered))
 
     def pop_finished_count(self) -> int:
         finished, self._finished = self._finished, 0
@@ -244,11 +252,12 @@ class Scorer:
         hint = " (use --on-error skip to leave unreadable images out)" if sample.skippable else ""
         raise DataError(sample.error + hint)
 
-    def score(self, sample: Any, answer: torch.Tensor, gt: torch.Tensor, *update: Any) -> None:
-        """Count one finished item: ``counts.update(answer, gt, *update)``, then the hook."""
-        self.counts.update(answer, gt, *update)
+    def score(self, sample: Any, answer: torch.Tensor, gt: torch.Tensor, *, shown: torch.Tensor | None = None) -> None:
+        """Count one finished item: ``counts.update(answer, gt)``, then the hook with ``shown``
+        (what pictures show; default the answer itself)."""
+        self.counts.update(answer, gt)
         if self.on_item is not None:
-            self.on_item(sample.index, sample.image_id, answer, gt)
+            self.on_item(sample.index, sample.image_id, answer if shown is None else shown, gt)
         self.image_ids.append(sample.image_id)
         self.scored_at.append(sample.index)
         self.processed_ids.append(sample.image_id)

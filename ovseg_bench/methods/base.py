@@ -51,8 +51,21 @@ class WeightsOptions:
     model: str | None = None
     pretrained: str | None = None
     checkpoint: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInputs:
+    """Method inputs that are not weights. A method declares the ones it takes (``Method.inputs``);
+    the planner refuses any other that was given, naming it, before anything is built."""
+
     predictions: tuple[str, ...] = ()       # --predictions DIR | NAME=DIR (methods/predictions.py)
-    predictions_out_of_range: str = "error"  # or "ignore": mmseg's drop
+    predictions_out_of_range: str = "error"  # --predictions-out-of-range: or "ignore", mmseg's drop
+    bg_threshold: float | None = None        # --bg-threshold: the fixed background threshold of saved CAMs
+
+    def given(self) -> list[str]:
+        """Names of the inputs set to something other than their defaults."""
+        defaults = MethodInputs()
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
 
 
 class Method(abc.ABC):
@@ -60,10 +73,14 @@ class Method(abc.ABC):
 
     ``variant`` is None when the method runs with its shipped config, else the name of the
     ``--config`` variant (:func:`config_variant`); results and tables tell variants apart by it.
+
+    Constructor contract: ``cls(weights: WeightsOptions, device, config_path=None, inputs:
+    MethodInputs | None = None)``; a method reads only the ``inputs`` fields it declares.
     """
 
     name: ClassVar[str]
     tracks: ClassVar[tuple[str, ...]] = ("semantic",)
+    inputs: ClassVar[tuple[str, ...]] = ()  # the MethodInputs fields the constructor reads
     normalisation: Normalisation | None = None
     variant: str | None = None
 
@@ -83,6 +100,12 @@ class Method(abc.ABC):
 
     def check_datasets(self, datasets: tuple[str, ...]) -> None:
         """Refuse, before any image is read, datasets this method cannot serve (its inputs for them)."""
+
+    def adapter_for(self, track: str, dataset: str) -> type | None:
+        """Which of this method's adapter bases serves ``dataset`` of ``track``, when it derives
+        from several a track drives (``predictions``: saved CAMs or saved masks); None: the first
+        along the MRO."""
+        return None
 
 
 class WindowMethod(Method):
@@ -157,7 +180,8 @@ def register_config_variants(adapter: type, names: tuple[str, ...], load_config:
 
 
 def _bound_init(adapter: type, name: str, load_config: Callable[..., Any]) -> Callable[..., None]:
-    def __init__(self: Any, weights: WeightsOptions, device: torch.device, config_path: Path | None = None) -> None:
+    def __init__(self: Any, weights: WeightsOptions, device: torch.device, config_path: Path | None = None,
+                 inputs: MethodInputs | None = None) -> None:
         config = load_config(name, config_path)
         if config_path is not None:
             check_config_owner(name, config, config_path)
@@ -202,3 +226,59 @@ def config_variant(method: str, config: Any, shipped: Any) -> str | None:
     if config.name != method:
         return str(config.name)
     return "cfg-" + config_digest(dataclasses.asdict(config))[:8]
+
+
+# ----------------------------------------------------------------------------- referring track
+
+class ReferringMethod(Method):
+    """One binary mask per referring expression (the referring track; DESIGN.md sketch).
+
+    The scorer embeds each image once (``embed_image``) and asks ``masks`` for all expressions
+    of that image together. A method that cannot answer an expression returns None for it;
+    ``unanswered_rule`` says whether such samples are left out of the metric (``skip``, GLCF's
+    rule for images without proposals) or scored as an empty mask (``empty``). Both are listed.
+    """
+
+    tracks: ClassVar[tuple[str, ...]] = ("referring",)
+    unanswered_rule: ClassVar[str] = "skip"
+
+    @abc.abstractmethod
+    def encode_expressions(self, texts: list[str]) -> Any:
+        """The method's encoding of the expressions (text embeddings, noun phrases, ...)."""
+
+    @abc.abstractmethod
+    def embed_image(self, image: np.ndarray, image_id: str) -> Any:
+        """[H,W,3] uint8 RGB at its own size -> the method's per-image state (proposals there)."""
+
+    @abc.abstractmethod
+    def masks(self, state: Any, queries: Any) -> list[torch.Tensor | None]:
+        """One [H,W] bool mask (on any device) per encoded expression, or None when unanswerable."""
+
+
+class SavedMaskMethod(Method):
+    """Referring masks a method already has: one binary map per sample (``predictions``)."""
+
+    @abc.abstractmethod
+    def mask_for(self, sample_id: str, shape: tuple[int, int], dataset: str) -> np.ndarray:
+        """[H,W] bool mask of sample ``sample_id`` (``<ref_id>_<sent_id>``), at the image's ``shape``."""
+
+
+# ----------------------------------------------------------------------------- label-conditioned track
+
+class CamMethod(Method):
+    """Class activation maps given the image-level labels (the label-conditioned track).
+
+    ``cams`` returns a :class:`ovseg_bench.datasets.cams.Cams` (the present classes' label ids and
+    float32 [K,H,W] maps in [0, 1] at the image's size); the scorer turns them into a pseudo mask
+    at every background threshold of ``curve(dataset)`` = (grid, fixed threshold).
+    """
+
+    tracks: ClassVar[tuple[str, ...]] = ("label-conditioned",)
+
+    @abc.abstractmethod
+    def cams(self, image: np.ndarray, labels: tuple[int, ...], info: DatasetInfo, *, image_id: str) -> Any:
+        """[H,W,3] uint8 RGB and its label ids -> the CAMs of those classes."""
+
+    @abc.abstractmethod
+    def curve(self, dataset: str) -> tuple[tuple[float, ...], float]:
+        """(background-threshold grid, the fixed threshold of the method's config)."""

@@ -25,10 +25,14 @@ import torch
 from ..engine.transforms import decode_label
 from ..errors import ConfigError, DataError
 from ..registry import register_method
-from .base import DatasetInfo, LabelMethod, WeightsOptions
+from .base import CamMethod, DatasetInfo, LabelMethod, MethodInputs, SavedMaskMethod, WeightsOptions
 
 NO_PREDICTION = 255
 OUT_OF_RANGE_RULES = ("error", "ignore")
+# Saved CAMs: the background-threshold grid WeakTr's evaluation scans (hustvl/WeakTr@3457ad3
+# evaluation.py, thresholds i / 100), and the fixed threshold when --bg-threshold is not given.
+CAM_GRID = tuple(i / 100 for i in range(30, 61))
+DEFAULT_BG_THRESHOLD = 0.45
 
 
 def parse_prediction_folders(values: tuple[str | Path, ...]) -> tuple[Path | None, dict[str, Path]]:
@@ -51,19 +55,27 @@ def parse_prediction_folders(values: tuple[str | Path, ...]) -> tuple[Path | Non
 
 
 @register_method("predictions")
-class PredictionsMethod(LabelMethod):
-    name = "predictions"
+class PredictionsMethod(LabelMethod, SavedMaskMethod, CamMethod):
+    """Saved outputs on every track: label maps (semantic, and pseudo masks on the
+    label-conditioned track), binary masks (referring), CAMs (label-conditioned, ``.npy``)."""
 
-    def __init__(self, weights: WeightsOptions, device: torch.device, config_path: Path | None = None):
+    name = "predictions"
+    tracks = ("semantic", "referring", "label-conditioned")
+    inputs = ("predictions", "predictions_out_of_range", "bg_threshold")
+
+    def __init__(self, weights: WeightsOptions, device: torch.device, config_path: Path | None = None,
+                 inputs: MethodInputs | None = None):
+        inputs = inputs or MethodInputs()
         if config_path is not None:
             raise ConfigError("method 'predictions' has no config; drop --config")
-        if not weights.predictions:
+        if not inputs.predictions:
             raise ConfigError("method 'predictions' needs --predictions DIR (one <image_id>.png label map per image)")
-        if weights.predictions_out_of_range not in OUT_OF_RANGE_RULES:
-            raise ConfigError(f"--predictions-out-of-range '{weights.predictions_out_of_range}' is not one of "
+        if inputs.predictions_out_of_range not in OUT_OF_RANGE_RULES:
+            raise ConfigError(f"--predictions-out-of-range '{inputs.predictions_out_of_range}' is not one of "
                               f"{OUT_OF_RANGE_RULES}")
-        self.out_of_range = weights.predictions_out_of_range
-        self.plain, self.named = parse_prediction_folders(tuple(weights.predictions))
+        self.out_of_range = inputs.predictions_out_of_range
+        self.bg_threshold = inputs.bg_threshold
+        self.plain, self.named = parse_prediction_folders(tuple(inputs.predictions))
         self._several = False  # whether the run scores several datasets (check_datasets)
         for folder in [*([self.plain] if self.plain else []), *self.named.values()]:
             if not folder.is_dir():
@@ -102,12 +114,67 @@ class PredictionsMethod(LabelMethod):
         return {"predictions": roots[""] if list(roots) == [""] else roots, "random": False}
 
     def settings(self, dataset: str) -> dict[str, Any]:
-        return {"predictions": str(self.folder_for(dataset).resolve()), "out_of_range": self.out_of_range}
+        settings: dict[str, Any] = {"predictions": str(self.folder_for(dataset).resolve()),
+                                    "out_of_range": self.out_of_range}
+        if self._has_cams(dataset):
+            grid, fixed = self.curve(dataset)
+            settings.update({"cams": True, "bg_threshold": fixed, "bg_grid": [grid[0], grid[-1], len(grid)]})
+        return settings
+
+    def _has_cams(self, dataset: str) -> bool:
+        """A folder of ``.npy`` CAMs (label-conditioned track) rather than label PNGs."""
+        try:
+            return next(self.folder_for(dataset).rglob("*.npy"), None) is not None
+        except DataError:
+            return False
+
+    def adapter_for(self, track: str, dataset: str) -> type | None:
+        if track == "label-conditioned":  # one method, two kinds of saved output: the folder says which
+            return CamMethod if self._has_cams(dataset) else LabelMethod
+        return None
+
+    def curve(self, dataset: str) -> tuple[tuple[float, ...], float]:
+        fixed = DEFAULT_BG_THRESHOLD if self.bg_threshold is None else float(self.bg_threshold)
+        if fixed not in CAM_GRID:
+            raise ConfigError(f"--bg-threshold {fixed} is not on the grid 0.30, 0.31, ..., 0.60 "
+                              "(steps of 0.01, as WeakTr scans)")
+        return CAM_GRID, fixed
+
+    def cams(self, image: np.ndarray, labels: tuple[int, ...], info: DatasetInfo, *, image_id: str) -> Any:
+        from ..datasets.cams import load_cams
+
+        path = self.folder_for(info.name) / f"{image_id}.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: CAMs missing for image '{image_id}'; write one .npy per image id")
+        cams = load_cams(path, info.num_classes)
+        if cams.maps.shape[1:] != image.shape[:2]:
+            raise DataError(f"{path}: CAMs are {cams.maps.shape[2]}x{cams.maps.shape[1]}, the image is "
+                            f"{image.shape[1]}x{image.shape[0]} (width x height); save them at image size")
+        return cams
+
+    def mask_for(self, sample_id: str, shape: tuple[int, int], dataset: str) -> np.ndarray:
+        path = self.folder_for(dataset) / f"{sample_id}.png"
+        if not path.is_file():
+            raise DataError(f"{path}: mask missing for sample '{sample_id}'; write one <ref_id>_<sent_id>.png "
+                            "per sample")
+        mask = self._read_png(path, shape)
+        values = np.unique(mask)
+        if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
+            raise DataError(f"{path}: a referring mask holds 0/1 or 0/255, found values {values[:6].tolist()}")
+        return mask > 0
 
     def labels_for(self, image_id: str, shape: tuple[int, int], info: DatasetInfo) -> np.ndarray:
         path = self.folder_for(info.name) / f"{image_id}.png"
         if not path.is_file():
             raise DataError(f"{path}: prediction missing for image '{image_id}'; write one label PNG per image id")
+        labels = self._read_png(path, shape)
+        if self.out_of_range == "error":
+            _check_range(labels, info.num_classes, path)
+        return labels
+
+
+    @staticmethod
+    def _read_png(path: Path, shape: tuple[int, int]) -> np.ndarray:
         try:
             labels = decode_label(path)
         except OSError as exc:
@@ -118,8 +185,6 @@ class PredictionsMethod(LabelMethod):
         if labels.shape != tuple(shape):
             raise DataError(f"{path}: prediction is {labels.shape[1]}x{labels.shape[0]}, "
                             f"the ground truth is {shape[1]}x{shape[0]} (width x height); predict at GT size")
-        if self.out_of_range == "error":
-            _check_range(labels, info.num_classes, path)
         return labels
 
 

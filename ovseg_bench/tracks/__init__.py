@@ -7,9 +7,11 @@ from .base import Track
 
 def get_track(name: str) -> Track:
     """The track a card names; its module is imported on first use."""
+    from .label_conditioned import LABEL_CONDITIONED
+    from .referring import REFERRING
     from .semantic import SEMANTIC
 
-    tracks = {SEMANTIC.name: SEMANTIC}
+    tracks = {track.name: track for track in (SEMANTIC, REFERRING, LABEL_CONDITIONED)}
     if name not in tracks:
         raise ConfigError(f"track '{name}' is not one of {sorted(tracks)}")
     return tracks[name]

@@ -26,6 +26,7 @@ class Track(abc.ABC):
     metric_id: ClassVar[str]         # part of every fingerprint of the track
     default_protocol: ClassVar[str]  # the preset a plain ``run`` uses
     sidecar_layout: ClassVar[str]    # what the rows of the per-item sidecar hold
+    console_columns: ClassVar[tuple[str, ...]]  # metrics printed beside mIoU after a run
     scorers: ClassVar[dict[type, type[Scorer]]]  # adapter base class -> the scorer that drives it
 
     @abc.abstractmethod
@@ -33,19 +34,37 @@ class Track(abc.ABC):
         """The split's items in listing order (each with an ``image_id``: the item's id)."""
 
     @abc.abstractmethod
-    def reader(self, card: Any, items: list[Any], settings: Any) -> Dataset:
-        """The torch Dataset over ``items`` that DataLoader workers run."""
+    def first_missing(self, card: Any, data_root: Path) -> tuple[str, Path] | None:
+        """(what, path) of the card's first layout piece missing under ``data_root``, or None."""
 
     @abc.abstractmethod
+    def reader(self, card: Any, items: list[Any], settings: Any, data_root: Path) -> Dataset:
+        """The torch Dataset over ``items`` that DataLoader workers run."""
+
     def new_counts(self, card: Any, method: Any, device: torch.device) -> Counts:
-        """Empty counts for one dataset."""
+        """Empty counts for one dataset: the scorer's own (``scorer_class(method).new_counts``)."""
+        return self.scorer_class(method, card).new_counts(card, method, device)
 
     @abc.abstractmethod
     def result_blocks(self, card: Any, evaluation: Evaluation) -> dict[str, Any]:
         """The result file's ``metrics`` and ``counts`` blocks."""
 
-    def scorer_class(self, method: Any) -> type[Scorer]:
-        """The scorer of the first class in ``type(method).__mro__`` that this track drives."""
+    def dataset_fields(self, card: Any, settings: Any) -> dict[str, Any]:
+        """What the result's ``dataset`` block records of the card beyond its name and split:
+        the classes (and the naming scheme used) for the tracks that have them."""
+        return {"num_classes": card.num_classes, "classes": list(card.class_names()),
+                "classnames": settings.classnames}
+
+    def expected_items(self, card: Any) -> int:
+        """How many items the split holds (images; referring: sentences)."""
+        return card.num_images
+
+    def scorer_class(self, method: Any, card: Any) -> type[Scorer]:
+        """The scorer of the adapter base the method names for ``card`` (``Method.adapter_for``),
+        else of the first class in ``type(method).__mro__`` that this track drives."""
+        chosen = method.adapter_for(self.name, card.name)
+        if chosen is not None:
+            return self.scorers[chosen]
         for base in type(method).__mro__:
             if base in self.scorers:
                 return self.scorers[base]
@@ -55,4 +74,4 @@ class Track(abc.ABC):
     def scorer(self, method: Any, card: Any, settings: Any, options: EngineOptions, device: torch.device, *,
                on_item: ImageHook | None = None) -> Scorer:
         counts = self.new_counts(card, method, device)
-        return self.scorer_class(method)(method, card, settings, counts, options, device, on_item=on_item)
+        return self.scorer_class(method, card)(method, card, settings, counts, options, device, on_item=on_item)

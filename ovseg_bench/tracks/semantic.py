@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets.cards import DatasetCard
-from ..datasets.listing import list_samples
+from ..datasets.listing import first_missing, list_samples
 from ..datasets.loader import Sample, SplitDataset
 from ..engine.metrics import IoUCounts
 from ..engine.protocol import DatasetSettings
@@ -44,8 +44,14 @@ class _InFlight:
     canvas: Canvas
 
 
+def iou_counts(card: Any, method: Method, device: torch.device) -> IoUCounts:
+    return IoUCounts(card.num_classes, ignore_index=card.ignore_index, device=device)
+
+
 class WindowScorer(Scorer):
     """In-flight images, per-size window queues and the stitch, for a :class:`WindowMethod`."""
+
+    new_counts = staticmethod(iou_counts)
 
     def __init__(self, method: WindowMethod, card: Any, settings: DatasetSettings, counts: IoUCounts,
                  options: EngineOptions, device: torch.device, *, on_item: ImageHook | None = None,
@@ -113,6 +119,8 @@ class WindowScorer(Scorer):
 class LabelScorer(Scorer):
     """Label maps a :class:`LabelMethod` already has, scored as they are."""
 
+    new_counts = staticmethod(iou_counts)
+
     def __init__(self, method: LabelMethod, card: Any, settings: DatasetSettings, counts: IoUCounts,
                  options: EngineOptions, device: torch.device, *, on_item: ImageHook | None = None):
         super().__init__(counts, options, on_item=on_item)
@@ -130,6 +138,7 @@ class SemanticTrack(Track):
     name = "semantic"
     metric_id = "mmseg-iou/int64"
     default_protocol = "tcl"
+    console_columns = ("aAcc", "mAcc")
     sidecar_layout = "counts[image, (intersect, union, pred, label), class]"
     scorers = {WindowMethod: WindowScorer, LabelMethod: LabelScorer}
 
@@ -142,11 +151,11 @@ class SemanticTrack(Track):
             raise DataError(f"{card.name}: {where}; check the layout with `ovseg-bench data check {card.name}`")
         return samples
 
-    def reader(self, card: DatasetCard, items: list[Any], settings: DatasetSettings) -> SplitDataset:
-        return SplitDataset(card, items, settings)
+    def first_missing(self, card: DatasetCard, data_root: Path) -> tuple[str, Path] | None:
+        return first_missing(card, data_root)
 
-    def new_counts(self, card: DatasetCard, method: Method, device: torch.device) -> IoUCounts:
-        return IoUCounts(card.num_classes, ignore_index=card.ignore_index, device=device)
+    def reader(self, card: DatasetCard, items: list[Any], settings: DatasetSettings, data_root: Path) -> SplitDataset:
+        return SplitDataset(card, items, settings)
 
     def result_blocks(self, card: DatasetCard, evaluation: Evaluation) -> dict[str, Any]:
         from ..results import metrics_block

@@ -47,7 +47,7 @@ def test_cards_load_with_expected_counts(name: str) -> None:
 
 
 def test_label_sources_of_the_cards() -> None:
-    assert load_label_conditioned_card("voc_train").labels_from == ("xml", "gt")
+    assert load_label_conditioned_card("voc_train").labels_from == ("gt", "xml")
     assert load_label_conditioned_card("voc_train_aug").xml_dir == "Annotations"
     assert load_label_conditioned_card("coco2014_train").labels_from == ("gt",)
     assert load_label_conditioned_card("coco2014_val").xml_dir is None
@@ -272,8 +272,8 @@ def test_coco_split_lists_annotated_images_by_file_name(coco: Path, tmp_path: Pa
 def test_voc_dataset_yields_rgb_gt_and_labels(voc, tmp_path: Path) -> None:
     card = load_label_conditioned_card("voc_train")
     refs = list_label_conditioned(card, tmp_path)
-    by_xml, by_gt = LabelConditionedDataset(card, refs), LabelConditionedDataset(card, refs, labels_from="gt")
-    assert by_xml.labels_from == "xml" and len(by_xml) == 3
+    by_xml, by_gt = LabelConditionedDataset(card, refs, labels_from="xml"), LabelConditionedDataset(card, refs)
+    assert by_xml.labels_from == "xml" and by_gt.labels_from == "gt" and len(by_xml) == 3  # GT: the default
     for index, ref in enumerate(refs):
         sample, other = by_xml[index], by_gt[index]
         assert sample.error is None
@@ -301,7 +301,7 @@ def test_dataset_reports_problems_as_data(voc, tmp_path: Path) -> None:
     refs[0].image_path.unlink()
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(refs[1].gt_path)
     refs[2].xml_path.unlink()
-    data = LabelConditionedDataset(card, refs)
+    data = LabelConditionedDataset(card, refs, labels_from="xml")
     missing, wrong_size, no_xml = data[0], data[1], data[2]
     assert missing.skippable and "is missing" in missing.error and missing.image is None
     assert not wrong_size.skippable and "5x5" in wrong_size.error and str(refs[1].gt_path) in wrong_size.error

@@ -1,0 +1,145 @@
+"""The label-conditioned track: CAMs and pseudo masks given the image-level labels (WSSS).
+
+Cards: :class:`~ovseg_bench.datasets.label_conditioned.LabelConditionedCard` (VOC train /
+train_aug, COCO 2014). Each image comes with its label set, from the GT by default (the card's
+first ``labels_from``). Rows of this track never share a table with zero-shot rows: the track
+is part of every fingerprint and every leaderboard table key.
+
+Scorers, by adapter base:
+
+- :class:`CamMethod`: the CAMs of the present classes -> a pseudo mask at every background
+  threshold of the method's grid (argmax over [threshold, CAMs], WeakTr's rule, see
+  :func:`~ovseg_bench.datasets.cams.pseudo_masks`) -> one int64 confusion per threshold. The
+  result reports the method's fixed threshold, the best one on the grid (flagged as chosen on
+  the evaluated split) and the whole curve.
+- :class:`LabelMethod`: pseudo masks a method already has, scored like semantic labels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..datasets.cams import pseudo_masks
+from ..datasets.label_conditioned import LabelConditionedCard, LabelConditionedDataset, LabelledSample, \
+    list_label_conditioned
+from ..engine.metrics import IoUCounts, ThresholdCurveCounts, threshold_label
+from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer
+from ..errors import DataError
+from ..methods.base import CamMethod, DatasetInfo, LabelMethod, Method
+from .base import Track
+
+
+def dataset_info(card: LabelConditionedCard) -> DatasetInfo:
+    return DatasetInfo(card.name, card.class_names(), card.background_class)
+
+
+def curve_counts(card: LabelConditionedCard, method: CamMethod, device: torch.device) -> ThresholdCurveCounts:
+    grid, fixed = method.curve(card.name)
+    return ThresholdCurveCounts(card.num_classes, grid, fixed, ignore_index=card.ignore_index, device=device)
+
+
+def mask_counts(card: LabelConditionedCard, method: Method, device: torch.device) -> IoUCounts:
+    return IoUCounts(card.num_classes, ignore_index=card.ignore_index, device=device)
+
+
+class CamScorer(Scorer):
+    """CAMs -> pseudo masks along the threshold grid -> one confusion per threshold."""
+
+    new_counts = staticmethod(curve_counts)
+
+    def __init__(self, method: CamMethod, card: LabelConditionedCard, settings: Any, counts: ThresholdCurveCounts,
+                 options: EngineOptions, device: torch.device, *, on_item: ImageHook | None = None):
+        super().__init__(counts, options, on_item=on_item)
+        self.method, self.device, self.info = method, device, dataset_info(card)
+        self.grid, self.fixed = method.curve(card.name)
+
+    def push(self, sample: LabelledSample) -> None:
+        if sample.error is not None:
+            self.handle_error(sample)
+            return
+        cams = self.method.cams(sample.image, sample.labels, self.info, image_id=sample.image_id)
+        masks = torch.from_numpy(pseudo_masks(cams, self.grid, sample.gt.shape)).to(self.device)
+        shown = masks[self.grid.index(self.fixed)]  # pictures show the fixed threshold's mask
+        self.score(sample, masks, torch.from_numpy(sample.gt), shown=shown)
+
+
+class PseudoMaskScorer(Scorer):
+    """Pseudo masks a :class:`LabelMethod` already has, scored as semantic labels are."""
+
+    new_counts = staticmethod(mask_counts)
+
+    def __init__(self, method: LabelMethod, card: LabelConditionedCard, settings: Any, counts: IoUCounts,
+                 options: EngineOptions, device: torch.device, *, on_item: ImageHook | None = None):
+        super().__init__(counts, options, on_item=on_item)
+        self.method, self.device, self.info = method, device, dataset_info(card)
+
+    def push(self, sample: LabelledSample) -> None:
+        if sample.error is not None:
+            self.handle_error(sample)
+            return
+        labels = self.method.labels_for(sample.image_id, tuple(sample.gt.shape), self.info)
+        self.score(sample, torch.from_numpy(np.asarray(labels)).to(self.device).long(), torch.from_numpy(sample.gt))
+
+
+def _mask_blocks(card: LabelConditionedCard, counts: IoUCounts) -> dict[str, Any]:
+    from ..results import metrics_block
+
+    return {"metrics": metrics_block(counts.compute(), card.class_names(), per_image=counts.per_item),
+            "counts": {key: value.tolist() for key, value in counts.totals.items()}}
+
+
+def _curve_blocks(card: LabelConditionedCard, counts: ThresholdCurveCounts) -> dict[str, Any]:
+    """The fixed threshold's metrics (and CI, from its per-image rows) with the best threshold
+    and the whole curve beside them; the counts are the fixed threshold's totals."""
+    from ..results import metrics_block
+
+    summary = counts.compute()
+    (fixed, fixed_summary), (best, best_summary) = summary.fixed, summary.best
+    metrics = metrics_block(fixed_summary, card.class_names(), per_image=counts.per_item)
+    metrics["bg_threshold"] = threshold_label(fixed)
+    metrics["best"] = {"bg_threshold": threshold_label(best), "mIoU": best_summary.miou,
+                       "chosen_on_evaluated_split": summary.best_chosen_on_evaluated_split}
+    metrics["curve"] = [{"bg_threshold": threshold_label(t), "mIoU": s.miou, "aAcc": s.aacc, "mAcc": s.macc}
+                        for t, s in summary.curve]
+    rows = counts.per_item.sum(0)
+    return {"metrics": metrics, "counts": dict(zip(("intersect", "union", "pred", "label"), rows.tolist()))}
+
+
+# The result blocks of each kind of counts this track's scorers make.
+RESULT_BLOCKS = {IoUCounts: _mask_blocks, ThresholdCurveCounts: _curve_blocks}
+
+
+class LabelConditionedTrack(Track):
+    name = "label-conditioned"
+    metric_id = "wsss-pseudo-mask-iou/int64"
+    default_protocol = "tcl"
+    console_columns = ("aAcc", "mAcc", "bg_threshold", "best")
+    sidecar_layout = "counts[image, (intersect, union, pred, label), class] at the fixed background threshold"
+    scorers = {CamMethod: CamScorer, LabelMethod: PseudoMaskScorer}
+
+    def list_items(self, card: LabelConditionedCard, data_root: Path) -> list[Any]:
+        refs = list_label_conditioned(card, data_root)
+        if not refs:
+            raise DataError(f"{card.name}: {card.root_in(data_root) / card.split_file} lists no images")
+        return refs
+
+    def first_missing(self, card: LabelConditionedCard, data_root: Path) -> tuple[str, Path] | None:
+        root = card.root_in(data_root)
+        pieces = [("data root", Path(data_root)), ("dataset folder", root), ("image folder", root / card.img_dir),
+                  ("split file", root / card.split_file)]
+        return next(((what, path) for what, path in pieces if not path.exists()), None)
+
+    def reader(self, card: LabelConditionedCard, items: list[Any], settings: Any,
+               data_root: Path) -> LabelConditionedDataset:
+        return LabelConditionedDataset(card, items)
+
+    def result_blocks(self, card: LabelConditionedCard, evaluation: Evaluation) -> dict[str, Any]:
+        blocks = RESULT_BLOCKS[type(evaluation.counts)](card, evaluation.counts)
+        blocks["metrics"]["labels_from"] = card.labels_from[0]
+        return blocks
+
+
+LABEL_CONDITIONED = LabelConditionedTrack()
