@@ -9,6 +9,9 @@ Nothing big is committed. From fixed seeds this writes, into a work folder:
 - ``weights/tcl_tiny.pth``: a TCL checkpoint in the published key layout for that backbone.
 - ``data/``: a small synthetic voc and ade20k tree (``tests.synthetic.write_dataset``).
 - ``predictions/<dataset>/<image_id>.png``: label maps for ``--method predictions``.
+- ``data_refer/``, ``data_lc/``: a refer tree (refcoco, converted) and a VOC train tree, with
+  binary masks per referring sample and WeakTr-format CAMs per image under ``predictions/``, so
+  the sweep covers the referring and label-conditioned tracks too (``TRACK_COMBOS``).
 
 then runs every registered method through the in-process CLI (``--workers 0 --quiet --device
 cpu``, one torch thread) into ``results/``: each method on voc under the ``tcl`` protocol and on
@@ -55,6 +58,9 @@ NUM_IMAGES = 2
 SIZES = ((48, 64), (70, 42))          # (h, w): a landscape and a portrait image
 # (dataset, protocol preset) every method is run on.
 COMBOS = (("voc", "tcl"), ("ade20k", "sclip"))
+# The other tracks, served by `predictions` (saved masks and CAMs): (dataset, preset, data key).
+TRACK_COMBOS = {"predictions": (("refcoco_val", "tcl", "data_refer"), ("voc_train", "tcl", "data_lc"))}
+TRACKS_SEED = 1605
 NUM_CLASSES = {"voc": 21, "ade20k": 150}  # label values after reduce_zero_label (predictions)
 
 
@@ -148,7 +154,8 @@ def write_inputs(work: Path) -> dict[str, Path]:
 
     work = Path(work)
     paths = {"weights": work / "weights" / "tiny_vit.pt", "checkpoint": work / "weights" / "tcl_tiny.pth",
-             "data": work / "data", "predictions": work / "predictions"}
+             "data": work / "data", "predictions": work / "predictions", "data_refer": work / "data_refer",
+             "data_lc": work / "data_lc"}
     paths["weights"].parent.mkdir(parents=True, exist_ok=True)
     torch.save(tiny_clip_state(), paths["weights"])
     torch.save(tcl_state(), paths["checkpoint"])
@@ -160,7 +167,36 @@ def write_inputs(work: Path) -> dict[str, Path]:
             out.parent.mkdir(parents=True, exist_ok=True)
             gt = reduced_gt(paths["data"], dataset, image_id)
             Image.fromarray(prediction_map(rng, gt, NUM_CLASSES[dataset])).save(out)
+    write_track_inputs(paths)
     return paths
+
+
+def write_track_inputs(paths: dict[str, Path]) -> None:
+    """A refer tree with binary masks per sample, a VOC train tree with WeakTr-format CAMs."""
+    from ovseg_bench.datasets.cards import load_card
+    from ovseg_bench.datasets.label_conditioned import list_label_conditioned
+    from ovseg_bench.datasets.refer import convert_refs, gt_mask, read_referring
+    from tests.label_synthetic import write_voc_label_tree, write_weaktr_cams
+    from tests.referring_synthetic import write_refer_tree
+
+    rng = np.random.default_rng(TRACKS_SEED)
+    write_refer_tree(paths["data_refer"])
+    convert_refs(paths["data_refer"], "refcoco", "unc")
+    card = load_card("refcoco_val")
+    refs, index = read_referring(card, paths["data_refer"])
+    for ref in refs:
+        info = index.image(ref.image_id)
+        gt = gt_mask(index, ref.ann_id, info.height, info.width, card.gt_rule)
+        mask = (gt & (rng.random(gt.shape) < 0.7)) | (rng.random(gt.shape) < 0.1)
+        out = paths["predictions"] / "refcoco_val" / f"{ref.sample_id}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out)
+    write_voc_label_tree(paths["data_lc"], num_train=3, seed=TRACKS_SEED)
+    for ref in list_label_conditioned(load_card("voc_train"), paths["data_lc"]):
+        gt = np.array(Image.open(ref.gt_path))
+        labels = [int(v) for v in np.unique(gt) if 0 < v < 255]
+        maps = {c - 1: np.where(gt == c, 0.8, rng.random(gt.shape) * 0.6).astype(np.float32) for c in labels}
+        write_weaktr_cams(paths["predictions"] / "voc_train" / f"{ref.image_id}.npy", maps)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -229,10 +265,11 @@ def run_all(work: Path, *, methods: Sequence[str] | None = None, log=None) -> Pa
     with golden_environment(work):
         paths = write_inputs(work)
         for method in methods or golden_methods():
-            for dataset, protocol in COMBOS:
+            combos = [(d, p, "data") for d, p in COMBOS] + list(TRACK_COMBOS.get(method, ()))
+            for dataset, protocol, data in combos:
                 start = time.perf_counter()
                 argv = ["run", "--method", method, "--dataset", dataset, "--protocol", protocol,
-                        "--data-root", paths["data"], "--output", results / f"{method}_{dataset}_{protocol}",
+                        "--data-root", paths[data], "--output", results / f"{method}_{dataset}_{protocol}",
                         "--workers", "0", "--quiet", "--device", "cpu", *extra_args(method, paths, dataset)]
                 code, output = call_cli(argv)
                 if code != 0:
