@@ -54,7 +54,7 @@ from ovseg_bench.engine.metrics import IoUCounts  # noqa: E402
 from ovseg_bench.engine.protocol import load_protocol  # noqa: E402
 from ovseg_bench.engine.runner import EngineOptions, evaluate  # noqa: E402
 from ovseg_bench.tracks.semantic import SEMANTIC  # noqa: E402
-from ovseg_bench.engine.transforms import decode_image, decode_label, reduce_zero_label, resize_image  # noqa: E402
+from ovseg_bench.imaging import decode_image, decode_label, reduce_zero_label, resize_image  # noqa: E402
 from ovseg_bench.methods.base import DatasetInfo, Vocabulary, WeightsOptions  # noqa: E402
 from ovseg_bench.registry import get_method  # noqa: E402
 from tests.synthetic import write_dataset  # noqa: E402

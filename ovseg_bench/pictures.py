@@ -237,7 +237,7 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def read_image(path: Path) -> np.ndarray:
     """HxWx3 uint8 BGR, decoded like a benchmark image; DataError naming the file otherwise."""
-    from .engine.transforms import decode_image
+    from .imaging import decode_image
 
     path = Path(path)
     if not path.is_file():

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import platform
 import re
 import subprocess
@@ -69,30 +68,6 @@ def _file_safe(text: str) -> str:
 
 def image_ids_digest(image_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(image_ids).encode()).hexdigest()
-
-
-def metrics_block(summary: Any, class_names: tuple[str, ...], per_image: Any = None) -> dict[str, Any]:
-    """Percent metrics, per class keyed by name; NaN (class never present nor predicted) -> null.
-
-    ``per_image`` (int64 [images, 4, classes], numpy or CPU tensor, in dataset order) adds
-    ``ci95``: the seeded 95% percentile bootstrap interval of mIoU over images
-    (:func:`ovseg_bench.stats.ci_block`), omitted with fewer than 2 images.
-    """
-    per_class = {name: {"iou": _finite(iou), "acc": _finite(acc)}
-                 for name, iou, acc in zip(class_names, summary.iou, summary.acc)}
-    block: dict[str, Any] = {"mIoU": summary.miou, "aAcc": summary.aacc, "mAcc": summary.macc}
-    if per_image is not None:
-        from .stats import ci_block  # stats reads result files, so it imports this module
-
-        ci = ci_block(np.asarray(per_image))
-        if ci is not None:
-            block["ci95"] = ci
-    block["per_class"] = per_class
-    return block
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import math
 import io
 import sys
 from collections.abc import Iterator
@@ -227,6 +228,30 @@ def paired_bootstrap(a_counts: Any, b_counts: Any, *, resamples: int = DEFAULT_R
     a_sum, b_sum = a.sum(0).astype(np.float64), b.sum(0).astype(np.float64)
     point = (miou_from_totals(b_sum[0], b_sum[1]) - miou_from_totals(a_sum[0], a_sum[1])) * 100
     return PairedDifference(round(float(point), 2), _percentile_interval(diffs), int(resamples), int(seed))
+
+
+# ----------------------------------------------------------------------------- result blocks
+
+def metrics_block(summary: Any, class_names: tuple[str, ...], per_image: Any = None) -> dict[str, Any]:
+    """Percent metrics, per class keyed by name; NaN (class never present nor predicted) -> null.
+
+    ``per_image`` (int64 [images, 4, classes], numpy or CPU tensor, in dataset order) adds
+    ``ci95``: the seeded 95% percentile bootstrap interval of mIoU over images
+    (:func:`ci_block`), omitted with fewer than 2 images.
+    """
+    per_class = {name: {"iou": _finite(iou), "acc": _finite(acc)}
+                 for name, iou, acc in zip(class_names, summary.iou, summary.acc)}
+    block: dict[str, Any] = {"mIoU": summary.miou, "aAcc": summary.aacc, "mAcc": summary.macc}
+    if per_image is not None:
+        ci = ci_block(np.asarray(per_image))
+        if ci is not None:
+            block["ci95"] = ci
+    block["per_class"] = per_class
+    return block
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 # ----------------------------------------------------------------------------- result files

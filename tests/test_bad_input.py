@@ -17,7 +17,7 @@ from PIL import Image
 
 from ovseg_bench.datasets.cards import load_card
 from ovseg_bench.datasets.listing import list_samples
-from ovseg_bench.engine.transforms import NORMALISATIONS
+from ovseg_bench.imaging import NORMALISATIONS
 from ovseg_bench.methods import clip_dense
 from ovseg_bench.methods.base import DatasetInfo, Vocabulary, WindowMethod
 from ovseg_bench.registry import METHODS, get_method, register_method

@@ -14,7 +14,7 @@ from ovseg_bench.datasets.cards import load_card
 from ovseg_bench.datasets.listing import SampleRef
 from ovseg_bench.datasets.loader import SplitDataset
 from ovseg_bench.engine.protocol import ProtocolPreset, fingerprint, load_protocol
-from ovseg_bench.engine.transforms import center_crop_box, short_side_size
+from ovseg_bench.imaging import center_crop_box, short_side_size
 from ovseg_bench.results import SCHEMA, SCHEMA_V1, read_result
 from tests.conftest import call_cli, result_jsons, run_argv
 

@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..atomic import atomic_path, atomic_write
-from ..engine.transforms import decode_image, decode_label
+from ..imaging import decode_image, decode_label
 from ..errors import ConfigError, DataError
 from ..resources import cards_dir
 from ..yamlconf import load_dataclass

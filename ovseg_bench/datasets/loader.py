@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..engine.protocol import DatasetSettings
-from ..engine.transforms import (decode_image, decode_label, label_geometry, model_input, reduce_zero_label,
+from ..imaging import (decode_image, decode_label, label_geometry, model_input, reduce_zero_label,
                                  resized_shape)
 from .cards import DatasetCard
+
+if TYPE_CHECKING:  # settings are read by field; datasets never import the engine
+    from ..engine.protocol import DatasetSettings
 from .listing import SampleRef
 
 

@@ -46,7 +46,7 @@ from pycocotools import mask as coco_mask
 from torch.utils.data import Dataset
 
 from ..atomic import atomic_write
-from ..engine.transforms import decode_image
+from ..imaging import decode_image
 from ..errors import ConfigError, DataError
 from ..safe_pickle import safe_load
 from ..yamlconf import load_dataclass

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from ..engine.transforms import Normalisation
+from ..imaging import Normalisation
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..engine.transforms import NORMALISATIONS
+from ..imaging import NORMALISATIONS
 from ..errors import ConfigError
 from ..resources import configs_dir
 from ..yamlconf import load_dataclass
@@ -36,7 +36,7 @@ from .base import (DatasetInfo, DenseFeatureMethod, PaddedFeatures, Vocabulary, 
                    register_config_variants)
 from .clip_model import load_clip
 from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
-from .prompts import TextCache, encode_names, load_templates, text_cache_identity
+from .prompts import ClipTextEncoder
 
 BACKGROUND_RULES = ("threshold", "constant", "none")
 PAMR_SETTINGS = {"sclip": SCLIP_PAMR, "tcl": TCL_PAMR}
@@ -99,7 +99,8 @@ class ClipFamily(DenseFeatureMethod):
         self.model, self.tokenizer, self._weights = clip.model, clip.tokenizer, clip.record
         self.patch = int(self.model.visual.conv1.kernel_size[0])
         self.pamr = PAMR(**PAMR_SETTINGS[config.pamr]).to(device) if config.pamr else None
-        self.text_cache = TextCache()
+        self.text = ClipTextEncoder(self.model, self.tokenizer, self._weights, templates=config.templates,
+                                    average=config.template_average, device=device)
 
     def weights(self) -> dict[str, Any]:
         return dict(self._weights)
@@ -118,16 +119,8 @@ class ClipFamily(DenseFeatureMethod):
         first = 1 if self.config.background == "constant" and info.background_class else 0
         names = [name for synonyms in classes[first:] for name in synonyms]
         query_class = [c for c, synonyms in enumerate(classes) if c >= first for _ in synonyms]
-        templates = load_templates(self.config.templates)
-        embeddings = self.text_cache.get_or_compute(
-            self._cache_identity(), templates, self.config.template_average, names,
-            lambda: encode_names(self.model, self.tokenizer, names, templates,
-                                 self.config.template_average, self.device))
-        return Vocabulary(embeddings.to(self.device).float(),
+        return Vocabulary(self.text.encode(names),
                           torch.tensor(query_class, dtype=torch.long, device=self.device), len(classes))
-
-    def _cache_identity(self) -> dict[str, Any]:
-        return text_cache_identity(self._weights)
 
     def embed_windows(self, windows: torch.Tensor) -> PaddedFeatures:
         """L2-normalised dense patch embeddings [B,E,h/16,w/16]; the vocabulary first enters in

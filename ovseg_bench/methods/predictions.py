@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine.transforms import decode_label
+from ..imaging import decode_label
 from ..errors import ConfigError, DataError
 from ..registry import register_method
 from .base import CamMethod, DatasetInfo, LabelMethod, MethodInputs, SavedMaskMethod, WeightsOptions

@@ -1,4 +1,5 @@
-"""Prompt templates and class-name text embeddings, shared by every CLIP-based adapter.
+"""Prompt templates and class-name text embeddings, shared by every CLIP-based adapter: the
+one CLIP text encoder (:class:`ClipTextEncoder`) with its on-disk cache.
 
 The two averaging orders of the references:
 ``raw``: mean of the raw template embeddings, then L2-normalise (TCL, models/tcl/tcl.py
@@ -85,3 +86,28 @@ class TextCache:
         with atomic_path(path) as tmp:
             torch.save(embeddings.cpu(), tmp)
         return embeddings
+
+
+class ClipTextEncoder:
+    """A CLIP model's text tower with its template set, averaging order and on-disk cache: what
+    every CLIP-based adapter (the CLIP family, TCL, and later GLCF and CLIP-ES) encodes names with.
+
+    ``weights`` is the weights record written into results (:class:`~.clip_model.LoadedClip`),
+    which keys the cache together with the templates, the averaging and the names.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, weights: dict[str, Any], *, templates: str, average: str,
+                 device: torch.device | str, cache: TextCache | None = None):
+        if average not in AVERAGING:
+            raise ConfigError(f"template averaging '{average}' is not one of {AVERAGING}")
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.templates, self.average = load_templates(templates), average
+        self.identity = text_cache_identity(weights)
+        self.cache = cache or TextCache()
+
+    def encode(self, names: list[str]) -> torch.Tensor:
+        """[len(names), E] float32 L2-normalised embeddings on the device, one row per name."""
+        embeddings = self.cache.get_or_compute(
+            self.identity, self.templates, self.average, names,
+            lambda: encode_names(self.model, self.tokenizer, names, self.templates, self.average, self.device))
+        return embeddings.to(self.device).float()

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.transforms import NORMALISATIONS
+from ..imaging import NORMALISATIONS
 from ..errors import ConfigError, WeightsError
 from ..resources import configs_dir
 from ..yamlconf import load_dataclass
@@ -54,7 +54,7 @@ from .base import (DatasetInfo, DenseFeatureMethod, PaddedFeatures, Vocabulary, 
 from .clip_family import synonym_max
 from .clip_model import load_clip
 from .pamr import PAMR, TCL_PAMR
-from .prompts import AVERAGING, TextCache, encode_names, load_templates, text_cache_identity
+from .prompts import AVERAGING, ClipTextEncoder
 
 TCL_CHECKPOINT_URL = "https://github.com/kakaobrain/tcl/releases/download/v1.0.0/tcl.pth"
 NORM_EPS = 1e-6  # TCL's us.normalize (F.normalize with eps 1e-6)
@@ -304,7 +304,8 @@ class Tcl(DenseFeatureMethod):
         _load_masker(self.masker, checkpoint, block_index=len(visual.transformer.resblocks) - 1)
         self.masker.to(device).eval()
         self.pamr = PAMR(**TCL_PAMR).to(device) if config.pamr else None
-        self.text_cache = TextCache()
+        self.text = ClipTextEncoder(self.model, self.tokenizer, self._weights, templates=config.templates,
+                                    average=config.template_average, device=device)
 
     def _checkpoint_file(self, given: Path | None) -> tuple[Path, dict[str, Any]]:
         if given is None:
@@ -334,12 +335,7 @@ class Tcl(DenseFeatureMethod):
         first = 1 if plane else 0
         names = [name for synonyms in classes[first:] for name in synonyms]
         query_class = ([0] if plane else []) + [c for c, synonyms in enumerate(classes) if c >= first for _ in synonyms]
-        templates = load_templates(self.config.templates)
-        embeddings = self.text_cache.get_or_compute(
-            text_cache_identity(self._weights), templates, self.config.template_average, names,
-            lambda: encode_names(self.model, self.tokenizer, names, templates,
-                                 self.config.template_average, self.device))
-        embeddings = embeddings.to(self.device).float()
+        embeddings = self.text.encode(names)
         if plane:
             embeddings = torch.cat([embeddings.new_zeros(1, embeddings.shape[1]), embeddings])
         return TclVocabulary(embeddings, torch.tensor(query_class, dtype=torch.long, device=self.device),

@@ -85,7 +85,7 @@ class PseudoMaskScorer(Scorer):
 
 
 def _mask_blocks(card: LabelConditionedCard, counts: IoUCounts) -> dict[str, Any]:
-    from ..results import metrics_block
+    from ..stats import metrics_block
 
     return {"metrics": metrics_block(counts.compute(), card.class_names(), per_image=counts.per_item),
             "counts": {key: value.tolist() for key, value in counts.totals.items()}}
@@ -94,7 +94,7 @@ def _mask_blocks(card: LabelConditionedCard, counts: IoUCounts) -> dict[str, Any
 def _curve_blocks(card: LabelConditionedCard, counts: ThresholdCurveCounts) -> dict[str, Any]:
     """The fixed threshold's metrics (and CI, from its per-image rows) with the best threshold
     and the whole curve beside them; the counts are the fixed threshold's totals."""
-    from ..results import metrics_block
+    from ..stats import metrics_block
 
     summary = counts.compute()
     (fixed, fixed_summary), (best, best_summary) = summary.fixed, summary.best

@@ -27,7 +27,7 @@ from ..engine.metrics import IoUCounts
 from ..engine.protocol import DatasetSettings
 from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer, autocast_context
 from ..engine.sliding import Canvas, Window, image_windows
-from ..engine.transforms import model_input
+from ..imaging import model_input
 from ..errors import DataError, NumericsError
 from ..methods.base import DatasetInfo, LabelMethod, Method, WindowMethod
 from .base import Track
@@ -158,7 +158,7 @@ class SemanticTrack(Track):
         return SplitDataset(card, items, settings)
 
     def result_blocks(self, card: DatasetCard, evaluation: Evaluation) -> dict[str, Any]:
-        from ..results import metrics_block
+        from ..stats import metrics_block
 
         counts = evaluation.counts
         return {"metrics": metrics_block(counts.compute(), card.class_names(), per_image=counts.per_item),

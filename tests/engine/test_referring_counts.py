@@ -99,13 +99,13 @@ def test_update_accepts_bool_and_integer_masks_and_checks_them() -> None:
     counts.update(pred.bool(), gt.to(torch.int64))
     assert counts.per_item.tolist() == [[2, 4], [2, 4]]
     assert counts.additive().tolist() == [4, 8] and counts.additive().dtype == torch.int64
-    with pytest.raises(DataError, match="only 0 and 1"):
+    with pytest.raises((TypeError, ValueError), match="only 0 and 1"):
         counts.update(pred * 2, gt)
-    with pytest.raises(DataError, match="differ in size"):
+    with pytest.raises((TypeError, ValueError), match="differ in size"):
         counts.update(pred, gt[:1])
-    with pytest.raises(DataError, match="bool or 0/1"):
+    with pytest.raises((TypeError, ValueError), match="bool or 0/1"):
         counts.update(pred.float(), gt)
-    with pytest.raises(DataError, match=r"\[H, W\]"):
+    with pytest.raises((TypeError, ValueError), match=r"\[H, W\]"):
         counts.update(pred[None], gt[None])
     assert counts.num_items == 2   # failed updates count nothing
 
@@ -121,7 +121,7 @@ def test_merge_equals_one_pass(device: str) -> None:
     assert first.additive().device.type == device and first.per_item.device.type == "cpu"
     assert first.rows_agree()
     assert first.compute() == whole.compute()
-    with pytest.raises(DataError):
+    with pytest.raises(TypeError):
         first.merge(object())
 
 

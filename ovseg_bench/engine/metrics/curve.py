@@ -146,11 +146,11 @@ class ThresholdCurveCounts:
             gt: [H, W] integer GT with ``ignore_index`` for unscored pixels.
         """
         if not isinstance(label_maps, Tensor) or label_maps.dim() != 3 or label_maps.shape[0] != len(self._grid):
-            raise DataError(f"label_maps must be a [T={len(self._grid)}, H, W] tensor, got "
+            raise ValueError(f"label_maps must be a [T={len(self._grid)}, H, W] tensor, got "
                             f"{tuple(getattr(label_maps, 'shape', ())) or type(label_maps).__name__}")
         gt = _as_label_map(gt, "gt").to(self._device, torch.int64)
         if tuple(label_maps.shape[1:]) != tuple(gt.shape):
-            raise DataError(f"pseudo masks {tuple(label_maps.shape[1:])} and GT {tuple(gt.shape)} differ in size")
+            raise ValueError(f"pseudo masks {tuple(label_maps.shape[1:])} and GT {tuple(gt.shape)} differ in size")
         confusions = torch.stack([
             self._rule._image_confusion(_as_label_map(m, "pseudo mask").to(self._device, torch.int64), gt)
             for m in label_maps])
@@ -167,10 +167,10 @@ class ThresholdCurveCounts:
     def merge(self, other: ThresholdCurveCounts) -> None:
         """Add another shard's counts; its rows are appended after ours."""
         if not isinstance(other, ThresholdCurveCounts):
-            raise DataError(f"can only merge ThresholdCurveCounts, got {type(other).__name__}")
+            raise TypeError(f"can only merge ThresholdCurveCounts, got {type(other).__name__}")
         mine, theirs = self._settings(), other._settings()
         if mine != theirs:
-            raise DataError(f"cannot combine curve counts {theirs} with counts {mine}")
+            raise ValueError(f"cannot combine curve counts {theirs} with counts {mine}")
         self._confusion += other._confusion.to(self._device)
         self._rows.append(other.per_item.clone())
         self._num_items += other._num_items

@@ -109,11 +109,11 @@ def summary_of_rows(rows: np.ndarray, *, glcf_float32: bool = False) -> Referrin
 def _as_binary(x: Tensor, name: str) -> Tensor:
     """[H, W] bool, or integer 0/1 (checked later, on the device), as a bool-able tensor."""
     if not isinstance(x, Tensor):
-        raise DataError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise DataError(f"{name} must have shape [H, W], got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape [H, W], got {tuple(x.shape)}")
     if x.dtype != torch.bool and (x.dtype.is_floating_point or x.dtype.is_complex):
-        raise DataError(f"{name} must be a bool or 0/1 integer mask, got dtype {x.dtype}")
+        raise TypeError(f"{name} must be a bool or 0/1 integer mask, got dtype {x.dtype}")
     return x
 
 
@@ -162,14 +162,14 @@ class ReferringCounts:
         """
         pred, gt = _as_binary(pred, "pred"), _as_binary(gt, "gt")
         if pred.shape != gt.shape:
-            raise DataError(f"prediction {tuple(pred.shape)} and GT {tuple(gt.shape)} differ in size")
+            raise ValueError(f"prediction {tuple(pred.shape)} and GT {tuple(gt.shape)} differ in size")
         pred, gt = pred.to(self._device), gt.to(self._device)
         bad = _non_binary(pred) + _non_binary(gt)
         p, g = pred.bool(), gt.bool()
         row = torch.stack([(p & g).sum(), (p | g).sum(), bad])
         host = row.cpu()   # one device-to-host copy per sample: the row and the 0/1 check
         if int(host[2]):
-            raise DataError("masks must hold only 0 and 1 (or be bool); found other values")
+            raise ValueError("masks must hold only 0 and 1 (or be bool); found other values")
         self._totals += row[:2]
         self._rows.append(host[:2].clone())
         self._num += 1
@@ -181,7 +181,7 @@ class ReferringCounts:
     def merge(self, other: ReferringCounts) -> None:
         """Add another shard's counts; its rows are appended after ours."""
         if not isinstance(other, ReferringCounts):
-            raise DataError(f"can only merge ReferringCounts, got {type(other).__name__}")
+            raise TypeError(f"can only merge ReferringCounts, got {type(other).__name__}")
         self._totals += other._totals.to(self._device)
         self._rows.append(other.per_item.clone())
         self._num += other._num

@@ -110,7 +110,7 @@ def mmseg_float32_totals(per_image: Tensor) -> dict[str, Tensor]:
         dataset order reproduces them.
     """
     if per_image.dim() != 3 or per_image.shape[1] != 4:
-        raise DataError(f"per-image counts must have shape [num_images, 4, N], got {tuple(per_image.shape)}")
+        raise ValueError(f"per-image counts must have shape [num_images, 4, N], got {tuple(per_image.shape)}")
     acc = torch.zeros(per_image.shape[1:], dtype=torch.float32)
     # Sequential elementwise adds reproduce Python's sum() over mmseg's results list exactly.
     for counts in per_image.to(torch.float32):
@@ -121,17 +121,17 @@ def mmseg_float32_totals(per_image: Tensor) -> dict[str, Tensor]:
 def _as_label_map(x: Tensor, name: str) -> Tensor:
     """Validate one [H, W] integer map."""
     if not isinstance(x, Tensor):
-        raise DataError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise DataError(f"{name} must have shape [H, W], got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape [H, W], got {tuple(x.shape)}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise DataError(f"{name} must be an integer label map, got dtype {x.dtype}")
+        raise TypeError(f"{name} must be an integer label map, got dtype {x.dtype}")
     return x
 
 
 def _check_num_classes(num_classes: int) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise DataError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise TypeError(f"num_classes must be a positive int, got {num_classes!r}")
     return num_classes
 
 
@@ -227,7 +227,7 @@ class IoUCounts:
         Axis 1 is (intersect, union, pred, label), as ``IoUMetric.intersect_and_union`` returns.
         """
         if not self._keep:
-            raise DataError("per-image counts were not kept (IoUCounts(keep_per_image=False))")
+            raise ValueError("per-image counts were not kept (IoUCounts(keep_per_image=False))")
         if len(self._per_image) != 1 or self._per_image[0].dim() != 3:
             # Consolidate once so repeated access does not re-stack everything.
             blocks = [b if b.dim() == 3 else b[None] for b in self._per_image]
@@ -245,7 +245,7 @@ class IoUCounts:
         """
         pred, gt = _as_label_map(pred, "pred"), _as_label_map(gt, "gt")
         if pred.shape != gt.shape:
-            raise DataError(f"prediction {tuple(pred.shape)} and GT {tuple(gt.shape)} differ in size")
+            raise ValueError(f"prediction {tuple(pred.shape)} and GT {tuple(gt.shape)} differ in size")
         conf = self._image_confusion(pred.to(self._device, torch.int64), gt.to(self._device, torch.int64))
         self._confusion += conf
         self._num_images += 1
@@ -289,10 +289,10 @@ class IoUCounts:
     def merge(self, other: IoUCounts) -> None:
         """Add another shard's counts; its per-image rows are appended after ours."""
         if not isinstance(other, IoUCounts):
-            raise DataError(f"can only merge IoUCounts, got {type(other).__name__}")
+            raise TypeError(f"can only merge IoUCounts, got {type(other).__name__}")
         self._check_compatible(other._n, other._ignore, "merged counts")
         if self._keep and not other._keep:
-            raise DataError("cannot merge counts without per-image rows into counts that keep them")
+            raise ValueError("cannot merge counts without per-image rows into counts that keep them")
         self._confusion += other._confusion.to(self._device)
         if self._keep:
             self._per_image.append(other.per_image.clone())

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from ovseg_bench.engine.transforms import (
+from ovseg_bench.imaging import (
     CLIP,
     IMAGENET,
     NORMALISATIONS,

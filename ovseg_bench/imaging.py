@@ -1,4 +1,5 @@
-"""Decoding, mmcv-compatible rescaling and per-method normalisation.
+"""Decoding, mmcv-compatible rescaling and per-method normalisation: a leaf module (numpy, cv2,
+Pillow, torch), so datasets and methods use it without importing the engine.
 
 Exactness rules, those of mmcv 2.1.0's loaders and resize (open-mmlab/mmcv@v2.1.0:
 mmcv/image/io.py and mmcv/image/geometric.py) as mmseg 1.2.2 calls them: images are decoded by
