@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import OvsegError
+from .errors import ConfigError, OvsegError
 
 RUN_EXAMPLES = """examples:
   ovseg-bench run --method maskclip --dataset demo
@@ -166,25 +166,84 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-# Commands implemented in their own modules: (module, function taking the parsed args, returning the exit code).
-_DELEGATED = {
-    "leaderboard": ("ovseg_bench.leaderboard", "leaderboard_command"),
-    "compare": ("ovseg_bench.stats", "compare_command"),
-    "regress": ("ovseg_bench.regress", "regress_command"),
-    "predict": ("ovseg_bench.pictures", "predict_command"),
-    "prepare": ("ovseg_bench.datasets.prepare", "prepare_command"),
-}
-
-
 SKIPPED_SHOWN = 5  # skipped image ids printed on the console; the result file lists all
 
 
+# Commands other than run, list and data check: (function of this module taking the parsed args).
 def _delegate(args: argparse.Namespace) -> int:
-    import importlib
-
     key = args.data_command if args.command == "data" else args.command
-    module, function = _DELEGATED[key]
-    return getattr(importlib.import_module(module), function)(args)
+    return {"leaderboard": _leaderboard, "compare": _compare, "regress": _regress, "predict": _predict,
+            "prepare": _prepare}[key](args)
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import render_leaderboard
+
+    notes, summary = render_leaderboard(args.results, args.out, args.reported)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(summary)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .stats import compare_report
+
+    print(compare_report(args.a, args.b, resamples=args.resamples, seed=args.seed))
+    return 0
+
+
+def _regress(args: argparse.Namespace) -> int:
+    """Exit 0 pass, 1 regression/change/missing, 2 not comparable or bad input."""
+    from .regress import regress, update
+
+    def warn(line: str) -> None:
+        print(f"note: {line}", file=sys.stderr)
+
+    if args.replace and not args.update:
+        raise ConfigError("--replace only goes with --update (it rewrites the baseline from the results alone)")
+    if args.update:
+        print(update(args.results, args.baseline, replace=args.replace, warn=warn))
+        return 0
+    code, report = regress(args.results, args.baseline, tolerance=args.tolerance, warn=warn)
+    print(report)
+    return code
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .methods.base import WeightsOptions
+    from .pictures import PredictRequest, format_share, parse_classes, predict
+
+    request = PredictRequest(
+        method=args.method, image=args.image, classes=parse_classes(args.classes), out=args.out,
+        protocol=args.protocol, weights=WeightsOptions(args.model, args.pretrained, args.checkpoint),
+        method_config=args.config, device=args.device, precision=args.precision)
+    result = predict(request)
+    if result.weights.get("random"):
+        from .methods.clip_model import RANDOM_WEIGHTS_NOTE
+
+        print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
+    height, width = result.labels.shape
+    print(f"{result.path} ({width}x{height} image, overlay with legend)")
+    rows = [[name, format_share(share)] for name, share in zip(result.names, result.shares)]
+    print(tabulate(rows, headers=["class", "pixels"], colalign=("left", "right")))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .datasets.prepare import prepare, prepare_options
+    from .plan import default_data_root
+
+    data_root = Path(args.data_root or default_data_root())
+    run = prepare(args.names, prepare_options(data_root, download_dir=args.download_dir,
+                                              from_archives=args.from_archive, workers=args.workers, quiet=args.quiet))
+    for line in run.lines:
+        print(line)
+    for line in run.errors:
+        print(line, file=sys.stderr)
+    return run.code
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -37,13 +37,11 @@ Rules (each one is also stated in the generated file, where it applies):
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -632,26 +630,24 @@ def _prune(details: Path, keep: set[str]) -> None:
             chart.unlink()
 
 
-def leaderboard_command(args: argparse.Namespace) -> int:
-    """``ovseg-bench leaderboard``: exit 0 when written; OvsegError (exit 2) on bad input."""
-    results = Path(args.results)
-    out = DEFAULT_OUT if args.out is None else Path(args.out)
+def render_leaderboard(results: Path, out: Path | None = None, reported_path: Path | None = None
+                       ) -> tuple[list[str], str]:
+    """Read the results, write the leaderboard to ``out`` (default :data:`DEFAULT_OUT`) and its
+    pages; returns (notes for stderr, the summary line). OvsegError (exit 2) on bad input."""
+    results, out = Path(results), DEFAULT_OUT if out is None else Path(out)
     if not results.exists():
         raise DataError(f"--results {results}: no such folder; pass the folder `ovseg-bench run --output` wrote")
-    reported = load_reported(args.reported)
+    reported = load_reported(reported_path)
     command = f"ovseg-bench leaderboard --results {results.as_posix()} --out {out.as_posix()}"
-    command += f" --reported {Path(args.reported).as_posix()}" if args.reported else ""
+    command += f" --reported {Path(reported_path).as_posix()}" if reported_path else ""
     board = build_leaderboard(results, reported, command=command)
-    for note in (skipped_note(results, list(board.skipped)), duplicates_note(board, out)):
-        if note:
-            print(f"note: {note}", file=sys.stderr)
+    notes = [note for note in (skipped_note(results, list(board.skipped)), duplicates_note(board, out)) if note]
     if board.measured == 0:
-        print(f"note: no result files under {results}; the leaderboard holds the reported numbers only",
-              file=sys.stderr)
+        notes.append(f"no result files under {results}; the leaderboard holds the reported numbers only")
     write_leaderboard(board, out)
-    print(f"wrote {out}: {board.tables} table(s), {board.measured} result(s) ({board.real} with real weights), "
-          f"{len(reported.entries)} reported row(s); per-result pages in {out.parent / 'details'}")
-    return 0
+    summary = (f"wrote {out}: {board.tables} table(s), {board.measured} result(s) ({board.real} with real weights), "
+               f"{len(reported.entries)} reported row(s); per-result pages in {out.parent / 'details'}")
+    return notes, summary
 
 
 def duplicates_note(board: Leaderboard, out: Path) -> str | None:

@@ -15,10 +15,8 @@ is black or white), and ignored GT pixels (255) are white.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -341,25 +339,3 @@ def _check_out(out: Path) -> None:
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out}: the overlay is written as PNG; give a file name ending in .png")
     check_writable(Path(out).absolute().parent, option=f"--out {out}")
-
-
-def predict_command(args: argparse.Namespace) -> int:
-    """``ovseg-bench predict``: build the request, segment, write the overlay, print the shares."""
-    from tabulate import tabulate
-
-    from .methods.base import WeightsOptions
-
-    request = PredictRequest(
-        method=args.method, image=args.image, classes=parse_classes(args.classes), out=args.out,
-        protocol=args.protocol, weights=WeightsOptions(args.model, args.pretrained, args.checkpoint),
-        method_config=args.config, device=args.device, precision=args.precision)
-    result = predict(request)
-    if result.weights.get("random"):
-        from .methods.clip_model import RANDOM_WEIGHTS_NOTE
-
-        print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
-    height, width = result.labels.shape
-    print(f"{result.path} ({width}x{height} image, overlay with legend)")
-    rows = [[name, format_share(share)] for name, share in zip(result.names, result.shares)]
-    print(tabulate(rows, headers=["class", "pixels"], colalign=("left", "right")))
-    return 0

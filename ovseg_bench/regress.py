@@ -27,11 +27,9 @@ schema (a ``notes.json``, the baseline itself) are skipped and named in one warn
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -352,19 +350,3 @@ def _tally(verdicts: list[Verdict]) -> str:
     for v in verdicts:
         counts[v.status] = counts.get(v.status, 0) + 1
     return ", ".join(f"{n} {status}" for status, n in counts.items())
-
-
-def _to_stderr(line: str) -> None:
-    print(f"note: {line}", file=sys.stderr)
-
-
-def regress_command(args: argparse.Namespace) -> int:
-    """``ovseg-bench regress``: exit 0 pass, 1 regression/change/missing, 2 not comparable or bad input."""
-    if getattr(args, "replace", False) and not args.update:
-        raise ConfigError("--replace only goes with --update (it rewrites the baseline from the results alone)")
-    if args.update:
-        print(update(args.results, args.baseline, replace=getattr(args, "replace", False), warn=_to_stderr))
-        return 0
-    code, report = regress(args.results, args.baseline, tolerance=args.tolerance, warn=_to_stderr)
-    print(report)
-    return code

@@ -15,7 +15,6 @@ indices, so two results on the same images can share them (the paired bootstrap)
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import math
@@ -282,9 +281,35 @@ def load_with_per_image(path: Path) -> LoadedResult:
         raise DataError(f"{sidecar}: sha256 {found[:12]}... does not match {info['sha256'][:12]}... recorded in "
                         f"{path.name}; the sidecar was changed or belongs to another run")
     with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        counts, ids = _check_counts(npz["counts"], f"{sidecar} counts"), tuple(str(i) for i in npz["image_ids"])
-    _check_sidecar(path, result, counts, ids)
+        rows, ids = np.asarray(npz["counts"]), tuple(str(i) for i in npz["image_ids"])
+    if _is_referring(result):
+        counts = _check_referring_rows(rows, f"{sidecar} counts")
+        _check_referring_sidecar(path, result, counts, ids)
+    else:
+        counts = _check_counts(rows, f"{sidecar} counts")
+        _check_sidecar(path, result, counts, ids)
     return LoadedResult(path, result, counts, ids)
+
+
+def _is_referring(result: dict[str, Any]) -> bool:
+    return result["dataset"].get("track") == "referring"
+
+
+def _check_referring_rows(rows: np.ndarray, what: str) -> np.ndarray:
+    if rows.ndim != 2 or rows.shape[1] != 2 or not np.issubdtype(rows.dtype, np.integer):
+        raise DataError(f"{what} must be integer (intersect, union) rows [samples, 2], got {rows.dtype} {rows.shape}")
+    return rows.astype(np.int64, copy=False)
+
+
+def _check_referring_sidecar(path: Path, result: dict[str, Any], rows: np.ndarray, ids: tuple[str, ...]) -> None:
+    if rows.shape[0] != result["images"]["seen"] or len(ids) != rows.shape[0]:
+        raise DataError(f"{path}: per-sample counts have {rows.shape[0]} rows for {len(ids)} ids, "
+                        f"expected {result['images']['seen']}")
+    if image_ids_digest(list(ids)) != result["images"]["ids_sha256"]:
+        raise DataError(f"{path}: the sidecar's sample ids do not match images.ids_sha256")
+    totals = rows.sum(0).tolist()
+    if totals != [result["counts"]["intersect"][0], result["counts"]["union"][0]]:
+        raise DataError(f"{path}: per-sample counts do not add up to the result's counts")
 
 
 def _check_sidecar(path: Path, result: dict[str, Any], counts: np.ndarray, ids: tuple[str, ...]) -> None:
@@ -300,6 +325,25 @@ def _check_sidecar(path: Path, result: dict[str, Any], counts: np.ndarray, ids: 
             raise DataError(f"{path}: per-image '{key}' counts do not add up to the result's counts")
 
 
+def paired_referring_bootstrap(a_rows: Any, b_rows: Any, *, resamples: int = DEFAULT_RESAMPLES,
+                               seed: int = DEFAULT_SEED) -> PairedDifference:
+    """mIoU(B) - mIoU(A) of two referring results on the same samples, resampling the SAME
+    samples for both (the draws of :func:`paired_bootstrap`)."""
+    a, b = (_check_referring_rows(np.asarray(r), what) for r, what in ((a_rows, "rows of A"), (b_rows, "rows of B")))
+    if a.shape != b.shape:
+        raise DataError(f"a paired bootstrap needs rows of the same shape, got A {a.shape} and B {b.shape}")
+    if a.shape[0] < 2:
+        raise DataError(f"a paired bootstrap needs at least 2 samples, these results have {a.shape[0]}")
+    (mious_a, _), (mious_b, _) = (_referring_resamples(r, resamples, seed) for r in (a, b))
+    point = (_referring_miou(b) - _referring_miou(a)) * 100
+    return PairedDifference(round(float(point), 2), _percentile_interval(mious_b - mious_a), int(resamples), int(seed))
+
+
+def _referring_miou(rows: np.ndarray) -> float:
+    rows = rows.astype(np.float64)
+    return float(np.mean(np.divide(rows[:, 0], rows[:, 1], out=np.zeros(len(rows)), where=rows[:, 1] > 0)))
+
+
 def check_pairable(a: LoadedResult, b: LoadedResult) -> None:
     """Refuse (DataError, exit 2) two results that are not on the same protocol, classes and images."""
     ra, rb = a.result, b.result
@@ -309,7 +353,7 @@ def check_pairable(a: LoadedResult, b: LoadedResult) -> None:
         raise DataError(f"{names} have different protocol fingerprints ({fa[:8]} vs {fb[:8]}: preset "
                         f"{ra['protocol']['preset']} vs {rb['protocol']['preset']}, limit {ra['protocol'].get('limit')} "
                         f"vs {rb['protocol'].get('limit')}); compare only runs made under the same protocol")
-    if ra["dataset"]["name"] != rb["dataset"]["name"] or ra["dataset"]["classes"] != rb["dataset"]["classes"]:
+    if ra["dataset"]["name"] != rb["dataset"]["name"] or ra["dataset"].get("classes") != rb["dataset"].get("classes"):
         raise DataError(f"{names} are on different datasets or class lists ({ra['dataset']['name']} vs "
                         f"{rb['dataset']['name']}); a paired comparison needs the same benchmark")
     if ra["images"]["ids_sha256"] != rb["images"]["ids_sha256"] or a.image_ids != b.image_ids:
@@ -394,25 +438,24 @@ def _row(a: LoadedResult, b: LoadedResult, d: PairedDifference) -> list[Any]:
             f"[{d.interval.low:+.2f}, {d.interval.high:+.2f}]", _verdict(d)]
 
 
-def compare_command(args: argparse.Namespace) -> int:
-    """``ovseg-bench compare A B``: paired bootstrap of mIoU(B) - mIoU(A) per dataset."""
+def compare_report(a_path: Path, b_path: Path, *, resamples: int = DEFAULT_RESAMPLES,
+                   seed: int = DEFAULT_SEED) -> str:
+    """``ovseg-bench compare A B``: paired bootstrap of mIoU(B) - mIoU(A) per dataset, as text."""
     from tabulate import tabulate
 
-    resamples, seed = _check_resamples(args.resamples), int(args.seed)
-    pairs, notes = _pairs(Path(args.a), Path(args.b))
+    resamples, seed = _check_resamples(resamples), int(seed)
+    pairs, notes = _pairs(Path(a_path), Path(b_path))
     loaded = []
     for pa, pb in pairs:
         a, b = load_with_per_image(pa), load_with_per_image(pb)
         check_pairable(a, b)
-        loaded.append((a, b, paired_bootstrap(a.counts, b.counts, resamples=resamples, seed=seed)))
+        paired = paired_referring_bootstrap if _is_referring(a.result) else paired_bootstrap
+        loaded.append((a, b, paired(a.counts, b.counts, resamples=resamples, seed=seed)))
     rows = [_row(a, b, d) for a, b, d in loaded]
     first_a = loaded[0][0].result
-    print(f"A: {_labels([a.result for a, _, _ in loaded])} ({args.a})\n"
-          f"B: {_labels([b.result for _, b, _ in loaded])} ({args.b})\n"
-          f"protocol {first_a['protocol']['preset']} ({first_a['protocol']['fingerprint'][:8]}); "
-          f"paired {CI_METHOD}, {resamples} resamples, seed {seed}")
-    print(tabulate(rows, headers=["dataset", "images", "mIoU A", "mIoU B", "B-A", "95% CI of B-A", "significant"],
-                   floatfmt=".2f", disable_numparse=True))
-    for note in notes:
-        print(note)
-    return 0
+    lines = [f"A: {_labels([a.result for a, _, _ in loaded])} ({a_path})",
+             f"B: {_labels([b.result for _, b, _ in loaded])} ({b_path})",
+             f"protocol {first_a['protocol']['preset']}; paired {CI_METHOD}, {resamples} resamples, seed {seed}",
+             tabulate(rows, headers=["dataset", "images", "mIoU A", "mIoU B", "B-A", "95% CI of B-A", "significant"],
+                      floatfmt=".2f", disable_numparse=True), *notes]
+    return "\n".join(lines)

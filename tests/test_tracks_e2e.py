@@ -257,3 +257,19 @@ def test_tracks_do_not_mix(voc_tree, tmp_path):
     root, _ = voc_tree
     code, _, stderr = call_cli(run_argv("clip", "voc_train", tmp_path / "out", data_root=root))
     assert code == 2 and "label-conditioned" in stderr
+
+
+def test_compare_pairs_referring_results_on_their_samples(refer_root, tmp_path):
+    write_referring_predictions(refer_root, "refcoco_val", tmp_path / "a", seed=11)
+    write_referring_predictions(refer_root, "refcoco_val", tmp_path / "b", seed=12)
+    for side in ("a", "b"):
+        assert predictions_run("refcoco_val", tmp_path / f"out_{side}", tmp_path / side, refer_root)[0] == 0
+    (a,), (b,) = result_jsons(tmp_path / "out_a"), result_jsons(tmp_path / "out_b")
+    code, stdout, stderr = call_cli(["compare", a, b, "--resamples", "200"])
+    assert code == 0, stderr
+    from ovseg_bench.stats import load_with_per_image, paired_referring_bootstrap
+
+    la, lb = load_with_per_image(a), load_with_per_image(b)
+    diff = paired_referring_bootstrap(la.counts, lb.counts, resamples=200)
+    assert diff.difference == round(load(b)["metrics"]["mIoU"] - load(a)["metrics"]["mIoU"], 2)
+    assert "refcoco_val" in stdout and f"{diff.interval.low:+.2f}" in stdout

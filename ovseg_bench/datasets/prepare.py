@@ -112,41 +112,50 @@ class Outcome:
 
 # --------------------------------------------------------------------------- command
 
-def prepare_command(args: Any) -> int:
-    """CLI entry: prepare each named target, print what was done and the deep check table.
+@dataclasses.dataclass
+class PrepareRun:
+    """What ``data prepare`` did: lines for stdout, one ``error:`` line per failed target, exit code."""
 
-    Exit 0 when every target was prepared and its check found no problem (an image count that
-    differs from the card's is reported, not fatal), 1 when a check found problems, 2 when a
-    target failed (the others are still prepared).
+    lines: list[str]
+    errors: list[str]
+    code: int
+
+
+def prepare_options(data_root: Path, *, download_dir: Path | None = None, from_archives: Sequence[Path] = (),
+                    workers: int | None = None, quiet: bool = False) -> PrepareOptions:
+    return PrepareOptions(data_root=data_root, download_dir=Path(download_dir or data_root / "downloads"),
+                          from_archives=tuple(Path(p) for p in from_archives), workers=_workers(workers), quiet=quiet)
+
+
+def prepare(names: Sequence[str], options: PrepareOptions) -> PrepareRun:
+    """Prepare each named target (the others still run when one fails) and check the results.
+
+    Exit code 0 when every target was prepared and its check found no problem (an image count
+    that differs from the card's is reported, not fatal), 1 when a check found problems, 2 when
+    a target failed.
     """
-    from ..plan import default_data_root
-
-    data_root = Path(args.data_root or default_data_root())
-    options = PrepareOptions(
-        data_root=data_root, download_dir=Path(args.download_dir or data_root / "downloads"),
-        from_archives=tuple(Path(p) for p in args.from_archive), workers=_workers(args.workers), quiet=args.quiet)
-    local, targets = split_local_targets(args.names)
+    local, targets = split_local_targets(names)
     _refuse_unknown_archives(targets, options.from_archives)
-    outcomes, failed = [], []
+    lines: list[str] = []
+    outcomes, failed, errors = [], [], []
     for target in local:
         try:
-            for line in LOCAL_TARGETS[target](data_root):
-                print(f"{target}: {line}")
+            lines += [f"{target}: {line}" for line in LOCAL_TARGETS[target](options.data_root)]
         except OvsegError as exc:
             failed.append(target)
-            print(f"error: {target}: {exc}", file=sys.stderr)
+            errors.append(f"error: {target}: {exc}")
     for target in targets:
         try:
             outcomes.append(prepare_target(PLANS[target], options))
         except OvsegError as exc:
             failed.append(target)
-            print(f"error: {target}: {exc}", file=sys.stderr)
+            errors.append(f"error: {target}: {exc}")
     if outcomes:
-        print(format_outcomes(outcomes))
+        lines.append(format_outcomes(outcomes))
     if failed:
-        print(f"failed: {', '.join(failed)} (see the errors above)", file=sys.stderr)
-        return 2
-    return 1 if any(c.problems for o in outcomes for c in o.checks) else 0
+        errors.append(f"failed: {', '.join(failed)} (see the errors above)")
+        return PrepareRun(lines, errors, 2)
+    return PrepareRun(lines, errors, 1 if any(c.problems for o in outcomes for c in o.checks) else 0)
 
 
 # --------------------------------------------------------------------------- in-place conversions
