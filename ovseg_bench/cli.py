@@ -126,6 +126,9 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--predictions-out-of-range", default="error", choices=("error", "ignore"),
                      help="prediction values outside the classes (not 255): error (default) or ignore, "
                           "mmseg's drop, recorded in the result")
+    run.add_argument("--labels-from", default=None, choices=("gt", "xml"),
+                     help="label-conditioned track: image labels from the GT or the VOC XML annotations "
+                          "(default: the card's first, gt; part of the fingerprint)")
     run.add_argument("--bg-threshold", type=float, default=None,
                      help="saved CAMs (label-conditioned track, --method predictions): the fixed background threshold "
                           "on the 0.30..0.60 grid (default: 0.45)")
@@ -257,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
         weights=WeightsOptions(args.model, args.pretrained, args.checkpoint),
         inputs=MethodInputs(tuple(args.predictions), args.predictions_out_of_range, args.bg_threshold),
         method_config=args.config, device=args.device, limit=args.limit, resume=args.resume,
-        save_predictions=args.save_predictions, visualize=args.visualize,
+        save_predictions=args.save_predictions, visualize=args.visualize, labels_from=args.labels_from,
         engine=EngineOptions(args.batch_size, args.workers, args.precision, args.on_error, args.quiet))
 
     def report(result: dict[str, Any], path: Path, replaced: bool) -> None:

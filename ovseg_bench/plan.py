@@ -28,7 +28,7 @@ from .datasets.listing import SampleRef, require_datasets
 from .atomic import check_writable
 from .engine import distributed
 from .engine.distributed import Ranks
-from .engine.protocol import PRECISIONS, ProtocolPreset, fingerprint, image_rule, load_protocol, resolve_protocol
+from .engine.protocol import PRECISIONS, DatasetSettings, ProtocolPreset, fingerprint, image_rule, load_protocol, resolve_protocol
 from .engine.runner import (EngineOptions, Evaluation, Work, autocast_context, evaluate, load_partial,
                             resolve_device, resolve_save_every, save_partial)
 from .errors import ConfigError, DataError, TrackError
@@ -58,6 +58,7 @@ class RunRequest:
     resume: bool = False             # skip finished datasets, continue saved states (module docstring)
     save_predictions: bool = False   # label PNGs under output/predictions/<method>/<dataset>/
     visualize: int = 0               # image | GT | prediction panels for the first N images
+    labels_from: str | None = None   # label-conditioned track: image labels from gt | xml (default: the card's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +72,16 @@ class _Job:
     device: torch.device
     ranks: Ranks
 
+    def settings(self, card: Any) -> DatasetSettings:
+        """The preset's settings for ``card``, with the run's own choices (``--labels-from``)."""
+        settings = self.preset.settings_for(card.name)
+        if self.request.labels_from is not None:
+            settings = dataclasses.replace(settings, labels_from=self.request.labels_from)
+        return settings
+
     def fingerprint(self, card: Any) -> str:
         """The dataset's own fingerprint: its settings, the track's metric, precision and subset."""
-        return fingerprint(self.preset.settings_for(card.name), metric=get_track(card.track).metric_id,
+        return fingerprint(self.settings(card), metric=get_track(card.track).metric_id,
                            precision=self.request.engine.precision, limit=self.request.limit)
 
 
@@ -166,7 +174,7 @@ def _run_dataset(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> tupl
     result, path = {}, request.output / f"{stem}.json"
     replaced = path.is_file()
     if ranks.main:
-        settings = job.preset.settings_for(card.name)
+        settings = job.settings(card)
         result = _result(job, card, settings, evaluation, len(samples))
         path = write_result(result, request.output, evaluation.counts.per_item.numpy(), evaluation.image_ids,
                             layout=get_track(card.track).sidecar_layout)
@@ -185,7 +193,7 @@ def result_key(job: _Job, card: DatasetCard) -> ResultKey:
 def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str) -> Evaluation:
     """This rank's shard of one dataset, continued from its saved state under resume."""
     request = job.request
-    settings = job.preset.settings_for(card.name)
+    settings = job.settings(card)
     hook = None
     if request.save_predictions or request.visualize:
         from .pictures import make_image_hook
@@ -313,7 +321,7 @@ def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation,
     request, engine, method = job.request, job.engine, job.method
     counts = evaluation.counts
     track = get_track(card.track)
-    blocks = track.result_blocks(card, evaluation)
+    blocks = track.result_blocks(card, evaluation, settings)
     seconds = evaluation.seconds
     config = _plain(method.settings(card.name))
     return {

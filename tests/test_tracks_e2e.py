@@ -273,3 +273,15 @@ def test_compare_pairs_referring_results_on_their_samples(refer_root, tmp_path):
     diff = paired_referring_bootstrap(la.counts, lb.counts, resamples=200)
     assert diff.difference == round(load(b)["metrics"]["mIoU"] - load(a)["metrics"]["mIoU"], 2)
     assert "refcoco_val" in stdout and f"{diff.interval.low:+.2f}" in stdout
+
+
+def test_labels_from_xml_is_an_option_recorded_and_fingerprinted(voc_tree, tmp_path):
+    root, tree = voc_tree
+    random_cams(root, tmp_path / "cams", "weaktr", seed=5)
+    assert predictions_run("voc_train", tmp_path / "gt", tmp_path / "cams", root)[0] == 0
+    code, _, stderr = predictions_run("voc_train", tmp_path / "xml", tmp_path / "cams", root, "--labels-from", "xml")
+    assert code == 0, stderr
+    by_gt, by_xml = only_result(tmp_path / "gt"), only_result(tmp_path / "xml")
+    assert by_gt["metrics"]["labels_from"] == "gt" and by_xml["metrics"]["labels_from"] == "xml"
+    assert by_xml["protocol"]["settings"]["labels_from"] == "xml"
+    assert by_gt["protocol"]["fingerprint"] != by_xml["protocol"]["fingerprint"]

@@ -43,6 +43,7 @@ class DatasetSettings:
     classnames: str
     resize: str = "mmcv"
     center_crop: int | None = None
+    labels_from: str | None = None  # label-conditioned track: image labels from "gt" or "xml"; None = card default
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,7 +66,7 @@ class DatasetSettings:
 
 
 RESIZE_RULES = ("mmcv", "short_side")
-LATER_FIELDS = {"resize": "mmcv", "center_crop": None}  # fields added after schema v2's first results
+LATER_FIELDS = {"resize": "mmcv", "center_crop": None, "labels_from": None}  # fields added after schema v2's first results
 
 
 @dataclasses.dataclass(frozen=True)

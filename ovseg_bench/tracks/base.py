@@ -46,7 +46,7 @@ class Track(abc.ABC):
         return self.scorer_class(method, card).new_counts(card, method, device)
 
     @abc.abstractmethod
-    def result_blocks(self, card: Any, evaluation: Evaluation) -> dict[str, Any]:
+    def result_blocks(self, card: Any, evaluation: Evaluation, settings: Any) -> dict[str, Any]:
         """The result file's ``metrics`` and ``counts`` blocks."""
 
     def dataset_fields(self, card: Any, settings: Any) -> dict[str, Any]:

@@ -134,11 +134,11 @@ class LabelConditionedTrack(Track):
 
     def reader(self, card: LabelConditionedCard, items: list[Any], settings: Any,
                data_root: Path) -> LabelConditionedDataset:
-        return LabelConditionedDataset(card, items)
+        return LabelConditionedDataset(card, items, labels_from=settings.labels_from)
 
-    def result_blocks(self, card: LabelConditionedCard, evaluation: Evaluation) -> dict[str, Any]:
+    def result_blocks(self, card: LabelConditionedCard, evaluation: Evaluation, settings: Any) -> dict[str, Any]:
         blocks = RESULT_BLOCKS[type(evaluation.counts)](card, evaluation.counts)
-        blocks["metrics"]["labels_from"] = card.labels_from[0]
+        blocks["metrics"]["labels_from"] = settings.labels_from or card.labels_from[0]
         return blocks
 
 

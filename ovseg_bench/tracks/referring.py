@@ -142,7 +142,7 @@ class ReferringTrack(Track):
         index = self._indices.get(key) or read_referring(card, data_root)[1]
         return ReferringDataset(card, items, index, apply_exif=False)
 
-    def result_blocks(self, card: ReferringCard, evaluation: Evaluation) -> dict[str, Any]:
+    def result_blocks(self, card: ReferringCard, evaluation: Evaluation, settings: Any) -> dict[str, Any]:
         from ..stats import referring_ci_block
 
         counts = evaluation.counts

@@ -157,7 +157,7 @@ class SemanticTrack(Track):
     def reader(self, card: DatasetCard, items: list[Any], settings: DatasetSettings, data_root: Path) -> SplitDataset:
         return SplitDataset(card, items, settings)
 
-    def result_blocks(self, card: DatasetCard, evaluation: Evaluation) -> dict[str, Any]:
+    def result_blocks(self, card: DatasetCard, evaluation: Evaluation, settings: Any) -> dict[str, Any]:
         from ..stats import metrics_block
 
         counts = evaluation.counts
