@@ -1,4 +1,5 @@
-"""Atomic file writes: every file ovseg-bench writes appears whole or not at all.
+"""Atomic file writes (every file ovseg-bench writes appears whole or not at all), the
+writability check and file digests.
 
 A temporary file beside the target (same folder, so the rename stays on one file system; a
 leading "." so folder scans skip it) is written and then renamed over the target.
@@ -6,6 +7,7 @@ leading "." so folder scans skip it) is written and then renamed over the target
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -53,3 +55,12 @@ def check_writable(target: Path, *, option: str) -> None:
     except OSError as exc:
         raise ConfigError(f"{option}: cannot write in {folder} ({exc.strerror or exc}); "
                           "pass a folder you can write to") from None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoints, refs pickles)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

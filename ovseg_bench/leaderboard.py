@@ -37,13 +37,14 @@ Rules (each one is also stated in the generated file, where it applies):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -279,7 +280,7 @@ def render_table(table: Table) -> str:
     rows = [_measured_row(group, table, used)
             for _, group in table.measured.groupby(ROW_KEY, sort=True)]
     rows += [_reported_row(entry, used) for entry in table.reported]
-    frame = pd.DataFrame(rows, columns=["method", "backbone", "weights", *columns, "Avg"]).fillna("–")
+    frame = pd.DataFrame(rows, columns=["method", "backbone", "weights", *columns, "Avg"]).astype(object).fillna("–")
     text = tabulate(frame, headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True,
                     colalign=("left",) * 3 + ("right",) * (len(columns) + 1))
     lines = [f"## {table.title}", "", text, ""]
@@ -461,23 +462,43 @@ def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def bar_chart(result: dict[str, Any], row: pd.Series) -> bytes:
-    """Per-class IoU as horizontal bars, PNG bytes; identical bytes for identical results.
-
-    matplotlib's object API with the Agg canvas (no pyplot state, no backend switch), its
-    default style (the user's matplotlibrc is ignored), fixed width and dpi, height growing
-    with the number of classes, and no Software chunk in the PNG.
-    """
+@contextlib.contextmanager
+def _chart(row: pd.Series, height: float) -> Iterator[Any]:
+    """A :class:`_Chart` of a fresh figure for one result; on exit its title is set and the PNG is
+    rendered into ``chart.png``. Identical bytes for identical results: matplotlib's
+    object API with the Agg canvas (no pyplot state, no backend switch), its default style (the
+    user's matplotlibrc is ignored), fixed width and dpi, and no Software chunk in the PNG."""
     import matplotlib.style
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    with matplotlib.style.context("default"):
+        figure = Figure(figsize=(7.0, height), dpi=100)
+        FigureCanvasAgg(figure)
+        chart = _Chart(figure.add_subplot())
+        yield chart
+        axes = chart.axes
+        axes.legend(loc="lower right", fontsize=7)
+        title = f"{run_label(row)} · {row['dataset']} · {row['protocol']} {row['fingerprint'][:8]}"
+        axes.set_title(title + (" · RANDOM WEIGHTS" if row["random"] else ""), fontsize=9)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+        chart.png = buffer.getvalue()
+
+
+@dataclasses.dataclass
+class _Chart:
+    axes: Any
+    png: bytes = b""
+
+
+def bar_chart(result: dict[str, Any], row: pd.Series) -> bytes:
+    """Per-class IoU as horizontal bars, PNG bytes; the height grows with the number of classes."""
     names = list(result["metrics"]["per_class"])
     ious = [result["metrics"]["per_class"][n].get("iou") for n in names]
-    with matplotlib.style.context("default"):
-        figure = Figure(figsize=(7.0, 1.4 + 0.17 * len(names)), dpi=100)
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
+    with _chart(row, 1.4 + 0.17 * len(names)) as chart:
+        axes = chart.axes
         positions = list(range(len(names)))
         axes.barh(positions, [0.0 if v is None else v for v in ious], color="#4c72b0")
         for y, value in zip(positions, ious):
@@ -488,42 +509,23 @@ def bar_chart(result: dict[str, Any], row: pd.Series) -> bytes:
         axes.set_ylim(len(names) - 0.5, -0.5)
         axes.set_xlim(0, 100)
         axes.set_xlabel("IoU (%)")
-        axes.legend(loc="lower right", fontsize=7)
-        title = f"{run_label(row)} · {row['dataset']} · {row['protocol']} {row['fingerprint'][:8]}"
-        axes.set_title(title + (" · RANDOM WEIGHTS" if row["random"] else ""), fontsize=9)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
+    return chart.png
 
 
 def curve_chart(result: dict[str, Any], row: pd.Series) -> bytes:
     """mIoU along the background-threshold grid (label-conditioned track), the fixed and the
-    best threshold marked; identical bytes for identical results (as :func:`bar_chart`)."""
-    import matplotlib.style
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    best threshold marked, PNG bytes."""
     metrics = result["metrics"]
-    xs = [float(p["bg_threshold"]) for p in metrics["curve"]]
-    ys = [p["mIoU"] for p in metrics["curve"]]
-    with matplotlib.style.context("default"):
-        figure = Figure(figsize=(7.0, 3.6), dpi=100)
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        axes.plot(xs, ys, color="#4c72b0", marker=".", linewidth=1)
+    with _chart(row, 3.6) as chart:
+        axes = chart.axes
+        axes.plot([float(p["bg_threshold"]) for p in metrics["curve"]], [p["mIoU"] for p in metrics["curve"]],
+                  color="#4c72b0", marker=".", linewidth=1)
         axes.axvline(float(metrics["bg_threshold"]), color="#c44e52", linestyle="--", linewidth=1, label="fixed")
         axes.axvline(float(metrics["best"]["bg_threshold"]), color="#55a868", linestyle=":", linewidth=1,
                      label="best (chosen on the evaluated split)")
         axes.set_xlabel("background threshold")
         axes.set_ylabel("pseudo-mask mIoU (%)")
-        axes.legend(loc="lower right", fontsize=7)
-        title = f"{run_label(row)} · {row['dataset']} · {row['protocol']} {row['fingerprint'][:8]}"
-        axes.set_title(title + (" · RANDOM WEIGHTS" if row["random"] else ""), fontsize=9)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
+    return chart.png
 
 
 CHARTS = {"bars": bar_chart, "curve": curve_chart}

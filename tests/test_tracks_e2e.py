@@ -285,3 +285,22 @@ def test_labels_from_xml_is_an_option_recorded_and_fingerprinted(voc_tree, tmp_p
     assert by_gt["metrics"]["labels_from"] == "gt" and by_xml["metrics"]["labels_from"] == "xml"
     assert by_xml["protocol"]["settings"]["labels_from"] == "xml"
     assert by_gt["protocol"]["fingerprint"] != by_xml["protocol"]["fingerprint"]
+
+
+def test_leaderboard_gives_each_track_its_own_table_and_the_curve_its_chart(voc_tree, refer_root, tmp_path):
+    root, _ = voc_tree
+    random_cams(root, tmp_path / "cams", "weaktr", seed=3)
+    write_referring_predictions(refer_root, "refcoco_val", tmp_path / "masks", seed=4)
+    assert predictions_run("voc_train", tmp_path / "runs" / "lc", tmp_path / "cams", root)[0] == 0
+    assert predictions_run("refcoco_val", tmp_path / "runs" / "ref", tmp_path / "masks", refer_root)[0] == 0
+    code, _, stderr = call_cli(["leaderboard", "--results", tmp_path / "runs", "--out", tmp_path / "board" / "README.md"])
+    assert code == 0, stderr
+    board = (tmp_path / "board" / "README.md").read_text()
+    assert "## label-conditioned · protocol `tcl`" in board and "## referring · protocol `tcl`" in board
+    pages = {p.name: p.read_text() for p in (tmp_path / "board" / "details").glob("*.md")}
+    lc_page = next(text for name, text in pages.items() if name.startswith("predictions__voc_train"))
+    ref_page = next(text for name, text in pages.items() if name.startswith("predictions__refcoco_val"))
+    assert "best threshold" in lc_page and "(chosen on the evaluated split)" in lc_page and "threshold curve" in lc_page
+    assert "oIoU" in ref_page and "P@0.5" in ref_page
+    charts = sorted(p.name for p in (tmp_path / "board" / "details").glob("*.png"))
+    assert len(charts) == 1 and charts[0].startswith("predictions__voc_train")  # referring has no per-class chart

@@ -34,7 +34,6 @@ refer/refer.py):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 from torch.utils.data import Dataset
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, sha256_file
 from ..imaging import decode_image
 from ..errors import ConfigError, DataError
 from ..safe_pickle import safe_load
@@ -149,14 +148,6 @@ def _check_pair(dataset: str, split_by: str) -> None:
         raise ConfigError(f"{dataset} is evaluated with split_by {SPLIT_BYS[dataset]}, not '{split_by}'")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -203,7 +194,7 @@ def _kept_json(path: Path, dataset: str, split_by: str, pickle_path: Path) -> st
         return None
     if not pickle_path.is_file():
         return f"kept {path} ({head['num_refs']} refs; {pickle_path.name} is not there to compare with)"
-    if head.get("source", {}).get("sha256") != _sha256(pickle_path):
+    if head.get("source", {}).get("sha256") != sha256_file(pickle_path):
         return None
     return f"kept {path}: already converted from this {pickle_path.name} ({head['num_refs']} refs)"
 
@@ -237,7 +228,7 @@ def convert_refs(data_root: Path, dataset: str, split_by: str, *,
         raise DataError(f"{pickle_path}: expected a list of refs, found {type(refs).__name__}")
     slim = [_slim_ref(ref, f"{pickle_path}: ref #{i}") for i, ref in enumerate(refs)]
     document = {"format": REFS_FORMAT, "dataset": dataset, "split_by": split_by,
-                "source": {"file": pickle_path.name, "sha256": _sha256(pickle_path)},
+                "source": {"file": pickle_path.name, "sha256": sha256_file(pickle_path)},
                 "num_refs": len(slim), "refs": slim}
     atomic_write(json_path, json.dumps(document, ensure_ascii=False, separators=(",", ":")))
     say(f"wrote {json_path} ({len(slim)} refs from {pickle_path.name})")

@@ -12,7 +12,6 @@ cache and pins its sha256 on first use.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -27,7 +26,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, sha256_file
 from ..errors import WeightsError
 
 MAX_LISTED = 5  # key names shown per kind of mismatch; the counts tell the rest
@@ -251,14 +250,6 @@ def checkpoint_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/ovseg_bench/checkpoints``, else ``~/.cache/ovseg_bench/checkpoints``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ovseg_bench" / "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download(url: str, target: Path) -> None:
