@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         def engine():
             resolved = options.for_device(device)
             scorer = SEMANTIC.scorer(method, card, settings, resolved, device)
-            evaluation = evaluate(scorer, SEMANTIC.reader(card, samples, settings, root), samples, resolved,
+            evaluation = evaluate(scorer, SEMANTIC.reader(card, samples, settings, root), [s.image_id for s in samples], resolved,
                                   desc=card.name)
             return evaluation.counts, evaluation.num_windows
 

@@ -214,7 +214,7 @@ def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str)
     track = get_track(card.track)
     scorer = track.scorer(job.method, card, settings, job.engine, job.device, on_item=hook)
     reader = track.reader(card, samples, settings, request.data_root)
-    return evaluate(scorer, reader, samples, job.engine, desc=card.name, work=work)
+    return evaluate(scorer, reader, [track.item_id(s) for s in samples], job.engine, desc=card.name, work=work)
 
 
 def partial_path(output: Path, stem: str, ranks: Ranks) -> Path:

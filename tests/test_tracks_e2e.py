@@ -304,3 +304,41 @@ def test_leaderboard_gives_each_track_its_own_table_and_the_curve_its_chart(voc_
     assert "oIoU" in ref_page and "P@0.5" in ref_page
     charts = sorted(p.name for p in (tmp_path / "board" / "details").glob("*.png"))
     assert len(charts) == 1 and charts[0].startswith("predictions__voc_train")  # referring has no per-class chart
+
+
+def interrupted_then_resumed(argv: list, out: Path, monkeypatch) -> dict:
+    """Stop the run right after its first saved state (as a kill would), resume it; the result."""
+    import ovseg_bench.plan as plan
+
+    real = plan.save_partial
+
+    def save_then_stop(path, state, identity):
+        real(path, state, identity)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "save_partial", save_then_stop)
+    code, _, _ = call_cli(argv)
+    assert code == 130 and not result_jsons(out) and list(out.glob("*.partial.pt"))
+    monkeypatch.setattr(plan, "save_partial", real)
+    code, _, stderr = call_cli([*argv, "--resume"])
+    assert code == 0, stderr
+    assert not list(out.glob("*.partial.pt"))
+    return only_result(out)
+
+
+@pytest.mark.parametrize("track", ["referring", "label-conditioned"])
+def test_a_resumed_run_equals_an_uninterrupted_one(track, voc_tree, refer_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("OVSEG_SAVE_EVERY", "1")
+    if track == "referring":
+        write_referring_predictions(refer_root, "refcoco_val", tmp_path / "p", seed=8)
+        dataset, root = "refcoco_val", refer_root
+    else:
+        random_cams(voc_tree[0], tmp_path / "p", "clip-es", seed=8)
+        dataset, root = "voc_train", voc_tree[0]
+    argv = lambda out: run_argv("predictions", dataset, out, "--predictions", tmp_path / "p", data_root=root, tiny=False)
+    assert call_cli(argv(tmp_path / "plain"))[0] == 0
+    plain = only_result(tmp_path / "plain")
+    resumed = interrupted_then_resumed(argv(tmp_path / "resumed"), tmp_path / "resumed", monkeypatch)
+    assert resumed["counts"] == plain["counts"] and resumed["metrics"] == plain["metrics"]
+    assert resumed["images"] == plain["images"]
+    assert sidecar_rows(tmp_path / "resumed", resumed).tolist() == sidecar_rows(tmp_path / "plain", plain).tolist()

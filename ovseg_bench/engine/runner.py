@@ -264,18 +264,18 @@ class Scorer:
         self._finished += 1
 
 
-def evaluate(scorer: Scorer, reader: Dataset, listed: list[Any], options: EngineOptions, *,
+def evaluate(scorer: Scorer, reader: Dataset, item_ids: list[str], options: EngineOptions, *,
              desc: str, work: Work | None = None) -> Evaluation:
     """Push the items of ``reader`` (the part ``work`` names) through ``scorer``; the counts.
 
-    ``reader`` covers the whole listing ``listed`` (items with an ``image_id``): ``sample.index``,
+    ``reader`` covers the whole listing, whose item ids are ``item_ids``: ``sample.index``,
     the hook and the block boundaries use listing positions, so a shard or a continuation runs
     exactly as its items would in one uninterrupted process. ``options`` are device-resolved.
     """
     clock = time.perf_counter()
     work = work or Work()
-    indices = list(range(len(listed))) if work.indices is None else list(work.indices)
-    done = 0 if work.start is None else _check_start(work.start, listed, indices, work.source)
+    indices = list(range(len(item_ids))) if work.indices is None else list(work.indices)
+    done = 0 if work.start is None else _check_start(work.start, item_ids, indices, work.source)
     before = 0.0
     if work.start is not None:
         scorer.continue_from(work.start)
@@ -296,10 +296,10 @@ def evaluate(scorer: Scorer, reader: Dataset, listed: list[Any], options: Engine
     return scorer.evaluation(before + time.perf_counter() - clock)
 
 
-def _check_start(start: Evaluation, listed: list[Any], indices: list[int], source: str) -> int:
+def _check_start(start: Evaluation, item_ids: list[str], indices: list[int], source: str) -> int:
     """How many items ``start`` processed, after checking they are the first ones of ``indices``."""
     done = len(start.processed_ids)
-    expected = [listed[i].image_id for i in indices[:done]]
+    expected = [item_ids[i] for i in indices[:done]]
     if done <= len(indices) and start.processed_ids == expected \
             and sorted(start.scored_at + start.skipped_at) == indices[:done]:
         return done

@@ -49,6 +49,10 @@ class Track(abc.ABC):
     def result_blocks(self, card: Any, evaluation: Evaluation, settings: Any) -> dict[str, Any]:
         """The result file's ``metrics`` and ``counts`` blocks."""
 
+    def item_id(self, item: Any) -> str:
+        """The id a listed item is recorded, resumed and reported by (an image id by default)."""
+        return item.image_id
+
     def dataset_fields(self, card: Any, settings: Any) -> dict[str, Any]:
         """What the result's ``dataset`` block records of the card beyond its name and split:
         the classes (and the naming scheme used) for the tracks that have them."""

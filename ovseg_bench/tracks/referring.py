@@ -123,6 +123,9 @@ class ReferringTrack(Track):
         self._indices[(card.name, str(Path(data_root).resolve()))] = index  # the reader's GT source
         return refs
 
+    def item_id(self, item: Any) -> str:
+        return item.sample_id  # <ref_id>_<sent_id>: one item per sentence, several per image
+
     def dataset_fields(self, card: ReferringCard, settings: Any) -> dict[str, Any]:
         return {"dataset": card.dataset, "split_by": card.split_by, "gt_rule": card.gt_rule,
                 "num_images": card.num_images}
