@@ -369,13 +369,13 @@ def test_non_finite_scores(voc, method):
 
 def test_nan_from_a_clip_family_model(voc, monkeypatch):
     root, ids, _, out = voc
-    real = clip_dense.dense_features
+    real = clip_dense.mmseg_vit_features  # maskclip's backbone path
 
     def poisoned(*args, **kwargs):
-        feats = real(*args, **kwargs)
-        return torch.full_like(feats, math.nan)
+        feats, grid = real(*args, **kwargs)
+        return torch.full_like(feats, math.nan), grid
 
-    monkeypatch.setattr(clip_dense, "dense_features", poisoned)
+    monkeypatch.setattr(clip_dense, "mmseg_vit_features", poisoned)
     expect_user_error(maskclip("voc", root, out), out, "maskclip", "NaN", ids[0])
 
 

@@ -22,7 +22,10 @@ from torch import Tensor, nn
 from ovseg_bench.errors import ConfigError
 
 ATTENTION_VARIANTS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip")
-POS_RESIZE_RULES = ("sclip", "tcl")
+POS_RESIZE_RULES = ("sclip", "tcl", "maskclip")
+# MaskCLIP's backbone is mmseg's VisionTransformer (chongzhou96/MaskCLIP@245d31f
+# configs/_base_/models/maskclip_vit16.py: act_cfg GELU, norm_cfg LN eps 1e-6), not CLIP's block.
+MMSEG_LN_EPS = 1e-6
 
 # Vanilla CLIP, MaskCLIP and SCLIP keep the block's residual and FFN; ClearCLIP
 # (``ignore_residual=True``) and NACLIP (its 'reduced' architecture) output out_proj(A v) alone.
@@ -81,23 +84,26 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int], *, rule: str = "sc
     Args:
         pos: ``[1+N, D]`` learned table (CLS row first, N = n*n patches of a square grid).
         grid: target patch grid ``(h, w)``.
-        rule: ``"sclip"`` (the SCLIP, ClearCLIP and NACLIP repos) or ``"tcl"`` (TCL's), see below.
+        rule: ``"sclip"`` (the SCLIP, ClearCLIP and NACLIP repos), ``"tcl"`` (TCL's) or
+            ``"maskclip"`` (mmseg's ViT as MaskCLIP runs it), see below.
 
     Returns:
         ``[1+h*w, D]`` in ``pos.dtype``, CLS row kept; ``pos`` itself (not a copy) when the rule
         skips the resize. ``sclip``: resized only when the token count changes (a non-square
         grid with exactly N patches gets the square table added flattened), with the DINO scale
         factor. ``tcl``: resized whenever the grid is not the square (n, n) one, to ``size=(h, w)``.
-        Both bicubic, ``align_corners=False``, no antialias.
+        ``maskclip``: resized only when the token count changes, to ``size=(h, w)``
+        (chongzhou96/MaskCLIP@245d31f mmseg/models/backbones/vit.py ``_pos_embeding`` and
+        ``resize_pos_embed``). All bicubic, ``align_corners=False``, no antialias.
     """
     if rule not in POS_RESIZE_RULES:
         raise ConfigError(f"unknown position-resize rule {rule!r}; expected one of {POS_RESIZE_RULES}")
     h, w = grid
     n = _table_side(pos)
-    if (h * w == n * n) if rule == "sclip" else ((h, w) == (n, n)):
+    if (h * w == n * n) if rule in ("sclip", "maskclip") else ((h, w) == (n, n)):
         return pos
     table = pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
-    if rule == "tcl":
+    if rule in ("tcl", "maskclip"):
         # TCL's sclip/model.py helper takes the target shape (H, W) and resizes to it.
         table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
     else:
@@ -354,3 +360,72 @@ def dense_features(visual: nn.Module, images: Tensor, variant: str, *,
     tokens = project_tokens(visual, x)[:, 1:]  # [B, h*w, E]
     b, _, e = tokens.shape
     return tokens.transpose(1, 2).reshape(b, e, grid[0], grid[1])
+
+
+# ----------------------------------------------------------------------------- MaskCLIP's own arithmetic
+
+def _mmseg_ln(ln: nn.Module, x: Tensor) -> Tensor:
+    """A CLIP LayerNorm's weights with mmseg's eps 1e-6, in the input's dtype (as open_clip casts)."""
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, MMSEG_LN_EPS).to(x.dtype)
+
+
+def _mmseg_mlp(block: nn.Module, x: Tensor) -> Tensor:
+    """CLIP's c_fc / c_proj with the exact (erf) GELU of mmseg's FFN instead of QuickGELU."""
+    return block.mlp.c_proj(F.gelu(block.mlp.c_fc(x)))
+
+
+def _mmseg_block(block: nn.Module, x: Tensor) -> Tensor:
+    """One transformer layer as mmseg's ViT computes it: x + attn(LN1 x), then x + FFN(LN2 x)."""
+    _check_block(block)
+    h = _mmseg_ln(block.ln_1, x)
+    if block.attn.batch_first:
+        attended = block.attn(h, h, h, need_weights=False)[0]
+    else:
+        t = h.transpose(0, 1)
+        attended = block.attn(t, t, t, need_weights=False)[0].transpose(0, 1)
+    x = x + block.ls_1(attended)
+    return x + block.ls_2(_mmseg_mlp(block, _mmseg_ln(block.ln_2, x)))
+
+
+def _mmseg_value_block(block: nn.Module, x: Tensor) -> Tensor:
+    """MaskCLIP's last layer (vit.py:96-104): v of LN1(x) from the packed in-projection,
+    out_proj(v), plus the block input x, then the FFN with its own residual."""
+    _check_block(block)
+    attn = block.attn
+    qkv = F.linear(_mmseg_ln(block.ln_1, x), attn.in_proj_weight, attn.in_proj_bias)
+    v = attn.out_proj(qkv.chunk(3, dim=-1)[2])
+    z = x + block.ls_1(v)
+    return z + block.ls_2(_mmseg_mlp(block, _mmseg_ln(block.ln_2, z)))
+
+
+def mmseg_vit_features(visual: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Dense features of MaskCLIP's own code: mmseg's ViT on CLIP's weights, value path last.
+
+    Patch embedding (bias-free conv), CLS, position table (the ``maskclip`` rule), LN eps 1e-6
+    everywhere, exact GELU, the last layer's value path, ``ln_post`` on v, then the bias-free
+    projection ``visual.proj`` as MaskCLIP's 1x1 conv (decode_heads/maskclip_head.py). Returns
+    ``[B, E, h, w]`` (CLS dropped, not normalised) and the grid; ``images`` should already be
+    padded to a multiple of the patch (MaskCLIP pads bottom/right, :func:`pad_bottom_right`).
+    """
+    _check_visual(visual)
+    patches = visual.conv1(images)
+    grid = (patches.shape[-2], patches.shape[-1])
+    x = patches.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(visual.positional_embedding, grid, rule="maskclip").to(x.dtype)
+    x = _mmseg_ln(visual.ln_pre, x)
+    blocks = visual.transformer.resblocks
+    for block in blocks[:-1]:
+        x = _mmseg_block(block, x)
+    v = _mmseg_ln(visual.ln_post, _mmseg_value_block(blocks[-1], x))
+    tokens = (v @ visual.proj)[:, 1:]
+    b, _, e = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, e, grid[0], grid[1]), grid
+
+
+def pad_bottom_right(images: Tensor, multiple: int) -> Tensor:
+    """Zero padding (in normalised space) at the bottom and right to a multiple of the patch, as
+    mmseg's PatchEmbed with ``padding='corner'`` does (mmseg/models/utils/embed.py)."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images

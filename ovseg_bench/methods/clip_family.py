@@ -65,10 +65,16 @@ class ClipFamilyConfig:
     pamr: str | None = None
     pad_windows: bool = False
     naclip_sigma: float = 5.0
+    # "clip": open_clip's own blocks (QuickGELU, LN eps 1e-5); "mmseg_vit": MaskCLIP's backbone,
+    # mmseg's ViT on CLIP's weights (exact GELU, eps 1e-6, value-path last layer, windows padded
+    # bottom/right and their logits resized to the window, not cut).
+    arithmetic: str = "clip"
+    refuse_duplicate_names: bool = False  # MaskCLIP drops repeated names silently, shifting labels
     per_dataset: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [("attention", self.attention, clip_dense.ATTENTION_VARIANTS),
+                  ("arithmetic", self.arithmetic, tuple(FEATURE_PATHS)),
                   ("background", self.background, BACKGROUND_RULES),
                   ("normalisation", self.normalisation, tuple(NORMALISATIONS)),
                   ("pamr", self.pamr, (None, *PAMR_SETTINGS))]
@@ -119,16 +125,33 @@ class ClipFamily(DenseFeatureMethod):
         first = 1 if self.config.background == "constant" and info.background_class else 0
         names = [name for synonyms in classes[first:] for name in synonyms]
         query_class = [c for c, synonyms in enumerate(classes) if c >= first for _ in synonyms]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if self.config.refuse_duplicate_names and repeated:
+            raise ConfigError(f"method '{self.config.name}': class name(s) {repeated} occur more than once in "
+                              f"'{info.name}'; MaskCLIP would drop the repeats and shift every later label, so "
+                              "they are refused: make the names unique")
         return Vocabulary(self.text.encode(names),
                           torch.tensor(query_class, dtype=torch.long, device=self.device), len(classes))
 
     def embed_windows(self, windows: torch.Tensor) -> PaddedFeatures:
         """L2-normalised dense patch embeddings [B,E,h/16,w/16]; the vocabulary first enters in
         ``score``'s cosine, so one pass serves every vocabulary."""
+        return FEATURE_PATHS[self.config.arithmetic](self, windows)
+
+    def _clip_features(self, windows: torch.Tensor) -> PaddedFeatures:
         padded, offset = self._pad(windows)
         feats = clip_dense.dense_features(self.model.visual, padded, self.config.attention,
                                           naclip_sigma=self.config.naclip_sigma)
         return PaddedFeatures(F.normalize(feats.float(), dim=1), (padded.shape[-2], padded.shape[-1]), offset)
+
+    def _mmseg_vit_features(self, windows: torch.Tensor) -> PaddedFeatures:
+        """MaskCLIP's own path (chongzhou96/MaskCLIP@245d31f): bottom/right padding, mmseg's ViT,
+        features divided by their norm with no epsilon (decode_heads/maskclip_head.py), and the
+        padded grid's logits resized to the unpadded window (encoder_decoder.py), not cut."""
+        padded = clip_dense.pad_bottom_right(windows, self.patch)
+        feats, _ = clip_dense.mmseg_vit_features(self.model.visual, padded)
+        feats = feats.to(torch.promote_types(feats.dtype, torch.float32))  # fp16/bf16 -> fp32; fp64 stays
+        return PaddedFeatures(feats / feats.norm(dim=1, keepdim=True), (windows.shape[-2], windows.shape[-1]), (0, 0))
 
     def score(self, features: PaddedFeatures, vocab: Vocabulary, size: tuple[int, int]) -> torch.Tensor:
         """Cosine with the text queries, bilinear to the padded window, the window cut back out."""
@@ -194,4 +217,8 @@ def constant_plane_labels(scores: torch.Tensor, vocab: Vocabulary, bg_value: flo
     return torch.softmax(per_class, dim=0).argmax(dim=0)
 
 
-register_config_variants(ClipFamily, ("clip", "maskclip", "sclip", "clearclip", "naclip"), load_method_config)
+# How each arithmetic embeds windows (ClipFamilyConfig.arithmetic).
+FEATURE_PATHS = {"clip": ClipFamily._clip_features, "mmseg_vit": ClipFamily._mmseg_vit_features}
+
+register_config_variants(ClipFamily, ("clip", "maskclip", "maskclip_clipblock", "sclip", "clearclip", "naclip"),
+                         load_method_config)
