@@ -378,11 +378,13 @@ def _mmseg_block(block: nn.Module, x: Tensor) -> Tensor:
     """One transformer layer as mmseg's ViT computes it: x + attn(LN1 x), then x + FFN(LN2 x)."""
     _check_block(block)
     h = _mmseg_ln(block.ln_1, x)
+    # need_weights left at its default, as mmcv's MultiheadAttention calls nn.MultiheadAttention
+    # in MaskCLIP: that is the explicit softmax(q k^T) v path, not the fused kernel.
     if block.attn.batch_first:
-        attended = block.attn(h, h, h, need_weights=False)[0]
+        attended = block.attn(h, h, h)[0]
     else:
         t = h.transpose(0, 1)
-        attended = block.attn(t, t, t, need_weights=False)[0].transpose(0, 1)
+        attended = block.attn(t, t, t)[0].transpose(0, 1)
     x = x + block.ls_1(attended)
     return x + block.ls_2(_mmseg_mlp(block, _mmseg_ln(block.ln_2, x)))
 
