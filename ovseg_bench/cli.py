@@ -348,11 +348,13 @@ def _list(what: str) -> int:
 
 def _data_check(args: argparse.Namespace) -> int:
     from .datasets.cards import ALL_BENCHMARKS, load_card
-    from .datasets.check import check_dataset, format_checks
-    from .plan import default_data_root
+    from .datasets.check import format_checks
+    from .plan import default_data_root, expand_datasets
+    from .tracks import get_track
 
     root = args.data_root or default_data_root()
-    checks = [check_dataset(load_card(name), root, deep=args.deep) for name in (args.names or ALL_BENCHMARKS)]
+    cards = [load_card(name) for name in expand_datasets(args.names or list(ALL_BENCHMARKS))]
+    checks = [get_track(card.track).check(card, root, deep=args.deep) for card in cards]
     print(format_checks(checks))
     return 0 if all(c.ok for c in checks) else 1
 

@@ -112,6 +112,10 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
     names = tuple(card.name for card in cards)
     method_cls = get_method(request.method)
     _refuse_undeclared_inputs(request.inputs, method_cls)
+    pictured = [card.name for card in cards if not get_track(card.track).label_pictures]
+    if (request.save_predictions or request.visualize) and pictured:
+        raise ConfigError(f"--save-predictions and --visualize write semantic label maps; {', '.join(pictured)} "
+                          "is not on the semantic track: run it without those options")
     preset = load_protocol(resolve_protocol(request.protocol, method_cls, request.method_config))
     for card in cards:
         if card.track not in method_cls.tracks:

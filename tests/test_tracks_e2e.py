@@ -342,3 +342,17 @@ def test_a_resumed_run_equals_an_uninterrupted_one(track, voc_tree, refer_root, 
     assert resumed["counts"] == plain["counts"] and resumed["metrics"] == plain["metrics"]
     assert resumed["images"] == plain["images"]
     assert sidecar_rows(tmp_path / "resumed", resumed).tolist() == sidecar_rows(tmp_path / "plain", plain).tolist()
+
+
+def test_data_check_serves_every_track(refer_root, voc_tree):
+    code, stdout, _ = call_cli(["data", "check", "refcoco_val,voc_train", "--data-root", refer_root])
+    assert code == 1  # synthetic counts differ from the published ones, and voc_train is not there
+    rows = {line.split()[0]: line for line in stdout.splitlines()[2:]}
+    assert "3 / 10834" in rows["refcoco_val"] and "count mismatch" in rows["refcoco_val"]
+    assert "dataset folder missing" in rows["voc_train"]
+
+
+def test_pictures_are_refused_off_the_semantic_track(refer_root, tmp_path):
+    write_referring_predictions(refer_root, "refcoco_val", tmp_path / "p", seed=1)
+    code, _, stderr = predictions_run("refcoco_val", tmp_path / "out", tmp_path / "p", refer_root, "--visualize", "2")
+    assert code == 2 and "not on the semantic track" in stderr and stderr.count("\n") == 1

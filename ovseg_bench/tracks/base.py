@@ -27,6 +27,7 @@ class Track(abc.ABC):
     default_protocol: ClassVar[str]  # the preset a plain ``run`` uses
     sidecar_layout: ClassVar[str]    # what the rows of the per-item sidecar hold
     console_columns: ClassVar[tuple[str, ...]]  # metrics printed beside mIoU after a run
+    label_pictures: ClassVar[bool] = False      # --save-predictions / --visualize draw its label maps
     scorers: ClassVar[dict[type, type[Scorer]]]  # adapter base class -> the scorer that drives it
 
     @abc.abstractmethod
@@ -48,6 +49,23 @@ class Track(abc.ABC):
     @abc.abstractmethod
     def result_blocks(self, card: Any, evaluation: Evaluation, settings: Any) -> dict[str, Any]:
         """The result file's ``metrics`` and ``counts`` blocks."""
+
+    def check(self, card: Any, data_root: Path, *, deep: bool = False) -> Any:
+        """``data check`` of one card: its layout, then its listing against the expected count
+        (the semantic track adds its per-file checks). A :class:`~ovseg_bench.datasets.check.DatasetCheck`."""
+        from ..datasets.check import DatasetCheck
+        from ..errors import OvsegError
+
+        root = card.root_in(data_root)
+        missing = self.first_missing(card, data_root)
+        problems = [f"{missing[0]} missing: {missing[1]}"] if missing else []
+        items: list[Any] = []
+        if not problems:
+            try:
+                items = self.list_items(card, data_root)
+            except OvsegError as exc:
+                problems.append(str(exc))
+        return DatasetCheck(card.name, root, root.is_dir(), problems, len(items), self.expected_items(card), deep=deep)
 
     def item_id(self, item: Any) -> str:
         """The id a listed item is recorded, resumed and reported by (an image id by default)."""

@@ -139,6 +139,7 @@ class SemanticTrack(Track):
     metric_id = "mmseg-iou/int64"
     default_protocol = "tcl"
     console_columns = ("aAcc", "mAcc")
+    label_pictures = True
     sidecar_layout = "counts[image, (intersect, union, pred, label), class]"
     scorers = {WindowMethod: WindowScorer, LabelMethod: LabelScorer}
 
@@ -150,6 +151,11 @@ class SemanticTrack(Track):
                      else f"no file ending in '{card.img_suffix}' under {root / card.img_dir}")
             raise DataError(f"{card.name}: {where}; check the layout with `ovseg-bench data check {card.name}`")
         return samples
+
+    def check(self, card: DatasetCard, data_root: Path, *, deep: bool = False) -> Any:
+        from ..datasets.check import check_dataset
+
+        return check_dataset(card, data_root, deep=deep)
 
     def first_missing(self, card: DatasetCard, data_root: Path) -> tuple[str, Path] | None:
         return first_missing(card, data_root)
