@@ -12,14 +12,14 @@ Scorers, by adapter base:
   :func:`~ovseg_bench.datasets.cams.pseudo_masks`) -> one int64 confusion per threshold. The
   result reports the method's fixed threshold, the best one on the grid (flagged as chosen on
   the evaluated split) and the whole curve.
-- :class:`LabelMethod`: pseudo masks a method already has, scored like semantic labels.
+- :class:`LabelMethod`: pseudo masks a method already has, scored as the semantic track scores
+  label maps (its :class:`~.semantic.LabelScorer`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..datasets.cams import pseudo_masks
@@ -28,8 +28,9 @@ from ..datasets.label_conditioned import LabelConditionedCard, LabelConditionedD
 from ..engine.metrics import IoUCounts, ThresholdCurveCounts, threshold_label
 from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer
 from ..errors import DataError
-from ..methods.base import CamMethod, DatasetInfo, LabelMethod, Method
+from ..methods.base import CamMethod, DatasetInfo, LabelMethod
 from .base import Track
+from .semantic import LabelScorer
 
 
 def dataset_info(card: LabelConditionedCard) -> DatasetInfo:
@@ -39,10 +40,6 @@ def dataset_info(card: LabelConditionedCard) -> DatasetInfo:
 def curve_counts(card: LabelConditionedCard, method: CamMethod, device: torch.device) -> ThresholdCurveCounts:
     grid, fixed = method.curve(card.name)
     return ThresholdCurveCounts(card.num_classes, grid, fixed, ignore_index=card.ignore_index, device=device)
-
-
-def mask_counts(card: LabelConditionedCard, method: Method, device: torch.device) -> IoUCounts:
-    return IoUCounts(card.num_classes, ignore_index=card.ignore_index, device=device)
 
 
 class CamScorer(Scorer):
@@ -64,24 +61,6 @@ class CamScorer(Scorer):
         masks = torch.from_numpy(pseudo_masks(cams, self.grid, sample.gt.shape)).to(self.device)
         shown = masks[self.grid.index(self.fixed)]  # pictures show the fixed threshold's mask
         self.score(sample, masks, torch.from_numpy(sample.gt), shown=shown)
-
-
-class PseudoMaskScorer(Scorer):
-    """Pseudo masks a :class:`LabelMethod` already has, scored as semantic labels are."""
-
-    new_counts = staticmethod(mask_counts)
-
-    def __init__(self, method: LabelMethod, card: LabelConditionedCard, settings: Any, counts: IoUCounts,
-                 options: EngineOptions, device: torch.device, *, on_item: ImageHook | None = None):
-        super().__init__(counts, options, on_item=on_item)
-        self.method, self.device, self.info = method, device, dataset_info(card)
-
-    def push(self, sample: LabelledSample) -> None:
-        if sample.error is not None:
-            self.handle_error(sample)
-            return
-        labels = self.method.labels_for(sample.image_id, tuple(sample.gt.shape), self.info)
-        self.score(sample, torch.from_numpy(np.asarray(labels)).to(self.device).long(), torch.from_numpy(sample.gt))
 
 
 def _mask_blocks(card: LabelConditionedCard, counts: IoUCounts) -> dict[str, Any]:
@@ -118,7 +97,7 @@ class LabelConditionedTrack(Track):
     default_protocol = "tcl"
     console_columns = ("aAcc", "mAcc", "bg_threshold", "best")
     sidecar_layout = "counts[image, (intersect, union, pred, label), class] at the fixed background threshold"
-    scorers = {CamMethod: CamScorer, LabelMethod: PseudoMaskScorer}
+    scorers = {CamMethod: CamScorer, LabelMethod: LabelScorer}  # saved pseudo masks: scored as labels are
 
     def list_items(self, card: LabelConditionedCard, data_root: Path) -> list[Any]:
         refs = list_label_conditioned(card, data_root)

@@ -131,7 +131,8 @@ class LabelScorer(Scorer):
             self.handle_error(sample)
             return
         labels = self.method.labels_for(sample.image_id, tuple(sample.gt.shape), self.info)
-        self.score(sample, torch.from_numpy(labels).to(self.device).long(), sample.gt)
+        # The label-conditioned reader gives numpy GT, the semantic one tensors.
+        self.score(sample, torch.from_numpy(np.asarray(labels)).to(self.device).long(), torch.as_tensor(sample.gt))
 
 
 class SemanticTrack(Track):
