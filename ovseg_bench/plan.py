@@ -111,16 +111,8 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
     cards = _unique_cards(request.datasets)  # unknown names fail before any work
     names = tuple(card.name for card in cards)
     method_cls = get_method(request.method)
-    _refuse_undeclared_inputs(request.inputs, method_cls)
-    pictured = [card.name for card in cards if not get_track(card.track).label_pictures]
-    if (request.save_predictions or request.visualize) and pictured:
-        raise ConfigError(f"--save-predictions and --visualize write semantic label maps; {', '.join(pictured)} "
-                          "is not on the semantic track: run it without those options")
+    _refuse_mismatches(request, cards, method_cls)
     preset = load_protocol(resolve_protocol(request.protocol, method_cls, request.method_config))
-    for card in cards:
-        if card.track not in method_cls.tracks:
-            raise TrackError(f"method '{request.method}' serves {method_cls.tracks}, "
-                             f"dataset '{card.name}' is a '{card.track}' benchmark")
     device = resolve_device(request.device)
     autocast_context(device, request.engine.precision)  # refuse fp16 on the CPU before loading weights
     # Every missing dataset named at once, before any work; each track knows its own layout.
@@ -144,6 +136,20 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
         return results
     finally:
         distributed.shutdown(ranks)
+
+
+def _refuse_mismatches(request: RunRequest, cards: list[Any], method_cls: type[Method]) -> None:
+    """Before any weights load: inputs the method does not take, pictures off the semantic
+    track, and datasets of a track the method does not serve."""
+    _refuse_undeclared_inputs(request.inputs, method_cls)
+    pictured = [card.name for card in cards if not get_track(card.track).label_pictures]
+    if (request.save_predictions or request.visualize) and pictured:
+        raise ConfigError(f"--save-predictions and --visualize write semantic label maps; {', '.join(pictured)} "
+                          "is not on the semantic track: run it without those options")
+    for card in cards:
+        if card.track not in method_cls.tracks:
+            raise TrackError(f"method '{request.method}' serves {method_cls.tracks}, "
+                             f"dataset '{card.name}' is a '{card.track}' benchmark")
 
 
 def _refuse_undeclared_inputs(inputs: MethodInputs, method_cls: type[Method]) -> None:
