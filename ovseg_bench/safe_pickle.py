@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 from .errors import DataError, OvsegError
 
-__all__ = ["UnsafePickleError", "safe_load"]
+__all__ = ["UnsafePickleError", "latin1_bytes", "safe_load", "safe_load_tensors", "TORCH_TENSOR_GLOBALS"]
 
 
 class UnsafePickleError(DataError):
@@ -116,3 +116,44 @@ def safe_load(source: Path | BinaryIO, *, allowed: Mapping[tuple[str, str], Any]
     except OSError as exc:
         raise DataError(f"{name}: cannot read the pickle ({exc.strerror or exc})") from None
     return _load(io.BytesIO(data), allowed, encoding, name)
+
+
+def latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """What ``_codecs.encode`` does in a protocol-2 pickle: bytes from a latin-1 string (how
+    protocol 2 spells a bytes literal); anything else is refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise DataError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a latin-1 bytes literal")
+    return text.encode("latin1")
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    """``torch.storage._load_from_bytes`` with ``weights_only=True`` on the CPU: a pickled tensor's
+    storage is a ``torch.save`` archive, read without running code from it."""
+    import torch
+
+    if not isinstance(data, (bytes, bytearray)):
+        raise DataError(f"a pickled tensor storage must be bytes, found {type(data).__name__}")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _torch_tensor_globals() -> dict[tuple[str, str], Any]:
+    import collections
+
+    import torch._utils
+
+    return {("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+            ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+            ("collections", "OrderedDict"): collections.OrderedDict,  # a tensor's (empty) backward hooks
+            ("_codecs", "encode"): latin1_bytes}
+
+
+# What ``pickle.dump`` of plain CPU tensors names (ReCo's reference and embedding pickles).
+TORCH_TENSOR_GLOBALS = (("torch._utils", "_rebuild_tensor_v2"), ("torch.storage", "_load_from_bytes"),
+                        ("collections", "OrderedDict"), ("_codecs", "encode"))
+
+
+def safe_load_tensors(source: Path | BinaryIO) -> Any:
+    """Unpickle a file of plain containers and tensors (``pickle.dump`` of a dict of tensors),
+    the tensors mapped to the CPU through ``torch.load(weights_only=True)``; any other global is
+    refused with :class:`UnsafePickleError` naming it."""
+    return safe_load(source, allowed=_torch_tensor_globals())

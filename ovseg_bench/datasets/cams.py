@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..safe_pickle import latin1_bytes, safe_load
 from .label_conditioned import COCO_THING_IDS
 
 FORMATS = ("weaktr", "clip-es")
@@ -73,14 +74,6 @@ class Cams:
 # ------------------------------------------------------------------------------ safe reading
 
 
-def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
-    """What ``_codecs.encode`` does in a protocol-2 pickle (Python 2 era ``np.save``): bytes from a
-    latin-1 string, the only use a numpy array's pickle makes of it; anything else is refused."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise DataError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a latin-1 bytes literal")
-    return text.encode("latin1")
-
-
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The globals an ``np.save``d dict of numeric arrays names, under numpy 1 and numpy 2 spellings:
     the array rebuild function, ``ndarray``, ``dtype`` (called with a type code such as 'f4'),
@@ -91,7 +84,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         ("numpy._core.multiarray", "_reconstruct"): reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_bytes,
+        ("_codecs", "encode"): latin1_bytes,
     }
 
 
@@ -105,7 +98,6 @@ def read_npy_dict(path: Path) -> dict[Any, Any]:
     :class:`~ovseg_bench.safe_pickle.UnsafePickleError` (a DataError) when the pickle names any
     global outside :data:`NUMPY_GLOBALS`; nothing from the file runs then.
     """
-    from ..safe_pickle import safe_load  # lazy: the CAM readers import without it
 
     try:
         with open(path, "rb") as stream:

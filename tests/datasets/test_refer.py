@@ -378,3 +378,33 @@ def test_exif_orientation_is_applied_unless_asked_not_to(converted: Path) -> Non
     stored = ReferringDataset(c, refs, index, apply_exif=False)[0]
     assert "GT size mismatch" in rotated.error and "EXIF applied" in rotated.error
     assert stored.error is None and stored.image.shape == (40, 56, 3)
+
+
+# ----------------------------------------------------------------------------- tensor pickles (ReCo's files)
+
+def test_tensor_pickles_load_through_weights_only_and_globals_are_refused(tmp_path):
+    import os
+    import pickle
+
+    import torch
+
+    from ovseg_bench.safe_pickle import UnsafePickleError, safe_load_tensors
+
+    refs = {"cat": torch.randn(3, 4), "dog": torch.arange(5.0)}
+    for protocol in (2, 4):
+        path = tmp_path / f"refs{protocol}.pkl"
+        path.write_bytes(pickle.dumps(refs, protocol=protocol))
+        loaded = safe_load_tensors(path)
+        assert set(loaded) == {"cat", "dog"} and all(torch.equal(loaded[k], refs[k]) for k in refs)
+        assert loaded["cat"].device.type == "cpu"
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"cat": torch.zeros(2), "x": Evil()}))
+    with pytest.raises(UnsafePickleError, match="system"):
+        safe_load_tensors(tmp_path / "evil.pkl")
+    assert not marker.exists()
