@@ -126,6 +126,8 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--predictions-out-of-range", default="error", choices=("error", "ignore"),
                      help="prediction values outside the classes (not 255): error (default) or ignore, "
                           "mmseg's drop, recorded in the result")
+    run.add_argument("--references", type=Path, default=None,
+                     help="ReCo's reference embeddings: a pickle of {class name: embedding} (method reco_nocrf)")
     run.add_argument("--labels-from", default=None, choices=("gt", "xml"),
                      help="label-conditioned track: image labels from the GT or the VOC XML annotations "
                           "(default: the card's first, gt; part of the fingerprint)")
@@ -258,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
         method=args.method, datasets=expand_datasets(args.dataset), protocol=args.protocol,
         data_root=args.data_root or default_data_root(), output=args.output,
         weights=WeightsOptions(args.model, args.pretrained, args.checkpoint),
-        inputs=MethodInputs(tuple(args.predictions), args.predictions_out_of_range, args.bg_threshold),
+        inputs=MethodInputs(tuple(args.predictions), args.predictions_out_of_range, args.bg_threshold, args.references),
         method_config=args.config, device=args.device, limit=args.limit, resume=args.resume,
         save_predictions=args.save_predictions, visualize=args.visualize, labels_from=args.labels_from,
         engine=EngineOptions(args.batch_size, args.workers, args.precision, args.on_error, args.quiet))

@@ -134,14 +134,19 @@ class Normalisation:
     name: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    unit: bool = False  # torchvision's order: x / 255 in float32 first, then the unit-scale statistics
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] uint8 RGB -> float32 normalised, on the images' device."""
         mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-        return (images.float() - mean) / std
+        x = images.float() / 255 if self.unit else images.float()
+        return (x - mean) / std
 
 
 IMAGENET = Normalisation("imagenet", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 CLIP = Normalisation("clip", (122.771, 116.746, 104.094), (68.501, 66.632, 70.323))
-NORMALISATIONS = {n.name: n for n in (IMAGENET, CLIP)}
+# ReCo's: torchvision's ToTensor (x / 255) then Normalize with the unit-scale ImageNet statistics
+# (NoelShin/reco@5c5e1bc datasets/*.py), which rounds differently from the 0-255 form above.
+IMAGENET_UNIT = Normalisation("imagenet_unit", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), unit=True)
+NORMALISATIONS = {n.name: n for n in (IMAGENET, CLIP, IMAGENET_UNIT)}

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from ovseg_bench.imaging import (
     CLIP,
     IMAGENET,
+    IMAGENET_UNIT,
     NORMALISATIONS,
     decode_image,
     decode_label,
@@ -418,7 +419,8 @@ def test_mmcv_imnormalize_equals_float32_division():
 
 
 def test_normalisations_registry():
-    assert NORMALISATIONS == {"imagenet": IMAGENET, "clip": CLIP}
+    assert NORMALISATIONS == {"imagenet": IMAGENET, "clip": CLIP, "imagenet_unit": IMAGENET_UNIT}
+    assert IMAGENET_UNIT.unit and IMAGENET_UNIT.mean == (0.485, 0.456, 0.406)
     assert IMAGENET.mean == (123.675, 116.28, 103.53) and IMAGENET.std == (58.395, 57.12, 57.375)
     assert CLIP.mean == (122.771, 116.746, 104.094) and CLIP.std == (68.501, 66.632, 70.323)
 

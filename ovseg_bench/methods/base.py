@@ -61,6 +61,7 @@ class MethodInputs:
     predictions: tuple[str, ...] = ()       # --predictions DIR | NAME=DIR (methods/predictions.py)
     predictions_out_of_range: str = "error"  # --predictions-out-of-range: or "ignore", mmseg's drop
     bg_threshold: float | None = None        # --bg-threshold: the fixed background threshold of saved CAMs
+    references: Path | None = None           # --references: ReCo's reference embeddings
 
     def given(self) -> list[str]:
         """Names of the inputs set to something other than their defaults."""
@@ -185,7 +186,7 @@ def _bound_init(adapter: type, name: str, load_config: Callable[..., Any]) -> Ca
         config = load_config(name, config_path)
         if config_path is not None:
             check_config_owner(name, config, config_path)
-        adapter.__init__(self, config, weights, device)
+        adapter.__init__(self, config, weights, device, inputs=inputs)
         self.variant = None if config_path is None else config_variant(name, config, load_config(name, None))
 
     return __init__

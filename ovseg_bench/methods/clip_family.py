@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
-from .base import (DatasetInfo, DenseFeatureMethod, PaddedFeatures, Vocabulary, WeightsOptions,
+from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
                    register_config_variants)
 from .clip_model import load_clip
 from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
@@ -97,7 +97,8 @@ def load_method_config(name: str, path: Path | None = None) -> ClipFamilyConfig:
 class ClipFamily(DenseFeatureMethod):
     """Shared adapter; the registered names below bind it to their config files."""
 
-    def __init__(self, config: ClipFamilyConfig, weights: WeightsOptions, device: torch.device):
+    def __init__(self, config: ClipFamilyConfig, weights: WeightsOptions, device: torch.device,
+                 inputs: MethodInputs | None = None):
         self.config = config
         self.device = device
         self.normalisation = NORMALISATIONS[config.normalisation]

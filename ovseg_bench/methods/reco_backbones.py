@@ -22,6 +22,7 @@ Quirks kept on purpose:
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,6 +54,26 @@ def build_deit_s_sin(checkpoint: Path | None = None, *, cache_dir: Path | None =
     if checkpoint is None:
         checkpoint, _ = fetch_checkpoint(DEIT_S_SIN_URL, cache_dir, what="DeiT-S/16-SIN checkpoint")
     load_deit_checkpoint(model, Path(checkpoint))
+    return model.eval().requires_grad_(False)
+
+
+def build_deit_for(path: Path) -> nn.Module:
+    """A distilled DeiT shaped after the checkpoint at ``path`` (DeiT-S/16 for ReCo's file, a tiny
+    one for tests): width, depth, patch, native grid and MLP ratio read off the tensors, 64-d
+    heads as in every DeiT; then loaded strictly, eval mode."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    state = deit_state_dict(read_checkpoint(path, hint=_DEIT_HINT), source=str(path))
+    try:
+        width, patch = int(state["cls_token"].shape[-1]), int(state["patch_embed.proj.weight"].shape[-1])
+        side = math.isqrt(int(state["pos_embed"].shape[1]) - DEIT_PREFIX_TOKENS)
+        depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+        hidden = int(state["blocks.0.mlp.fc1.weight"].shape[0])
+    except (KeyError, IndexError) as exc:
+        raise WeightsError(f"{path}: not a distilled DeiT state dict (no {exc}); {_DEIT_HINT}") from None
+    model = VisionTransformerDistilled(img_size=side * patch, patch_size=patch, embed_dim=width, depth=depth,
+                                       num_heads=max(1, width // 64), mlp_ratio=hidden / width, qkv_bias=True)
+    load_strict(model, state, source=str(path), hint=_DEIT_HINT)
     return model.eval().requires_grad_(False)
 
 

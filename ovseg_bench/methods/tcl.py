@@ -49,7 +49,7 @@ from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
 from .checkpoints import Mismatch, compare_state_dict, fetch_checkpoint, load_strict, read_checkpoint, sha256_file
-from .base import (DatasetInfo, DenseFeatureMethod, PaddedFeatures, Vocabulary, WeightsOptions,
+from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
                    register_config_variants)
 from .clip_family import synonym_max
 from .clip_model import load_clip
@@ -291,7 +291,8 @@ class TclVocabulary(Vocabulary):
 class Tcl(DenseFeatureMethod):
     """Shared adapter; the registered names below bind it to their config files."""
 
-    def __init__(self, config: TclConfig, weights: WeightsOptions, device: torch.device):
+    def __init__(self, config: TclConfig, weights: WeightsOptions, device: torch.device,
+                 inputs: MethodInputs | None = None):
         self.config = config
         self.device = device
         self.normalisation = NORMALISATIONS[config.normalisation]

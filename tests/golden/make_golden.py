@@ -54,6 +54,8 @@ BASELINE = GOLDEN_DIR / "baseline.json"
 TINY_MODEL = REPO / "tests" / "assets" / "tiny_vit.json"
 
 WEIGHTS_SEED, TCL_SEED, DATA_SEED, PREDICTIONS_SEED = 1601, 1602, 1603, 1604
+RECO_SEED = 1606
+TINY_RN = REPO / "tests" / "assets" / "tiny_rn.json"
 NUM_IMAGES = 2
 SIZES = ((48, 64), (70, 42))          # (h, w): a landscape and a portrait image
 # (dataset, protocol preset) every method is run on.
@@ -70,19 +72,20 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_clip_state(seed: int = WEIGHTS_SEED) -> dict[str, torch.Tensor]:
-    """An open_clip state dict of the tiny config with values from our own seeded fill rule."""
+def tiny_clip_state(seed: int = WEIGHTS_SEED, model: Path = TINY_MODEL) -> dict[str, torch.Tensor]:
+    """An open_clip state dict of a tiny config (ViT or ResNet) with values from our own seeded fill rule."""
     from ovseg_bench.methods.clip_model import _register_model
     import open_clip
 
     from ovseg_bench.methods.clip_model import _quiet_root_logger
 
-    name = _register_model(str(TINY_MODEL))
+    name = _register_model(str(model))
     with _quiet_root_logger():  # open_clip warns that no weights were loaded
         net = open_clip.create_model(name, pretrained=None)
     gen = _gen(seed)
     state = {}
-    for key, ref in net.state_dict().items():  # insertion order is fixed by the module tree
+    reference = net.state_dict()
+    for key, ref in reference.items():  # insertion order is fixed by the module tree
         if not ref.is_floating_point():
             state[key] = ref.clone()
             continue
@@ -93,6 +96,8 @@ def tiny_clip_state(seed: int = WEIGHTS_SEED) -> dict[str, torch.Tensor]:
             value = torch.full(ref.shape, math.log(1 / 0.07), dtype=torch.float64)
         elif module.startswith("ln"):  # ln_pre, ln_post, ln_final, ln_1, ln_2
             value = (1.0 + 0.1 * noise) if leaf == "weight" else 0.02 * noise
+        elif ".".join(parts[:-1] + ["running_var"]) in reference:  # ModifiedResNet's BatchNorms
+            value = {"weight": 1.0 + 0.1 * noise, "running_var": 1.0 + 0.1 * noise.abs()}.get(leaf, 0.02 * noise)
         elif leaf == "bias" or ref.ndim <= 1:
             value = 0.02 * noise
         elif "positional_embedding" in key or "token_embedding" in key:
@@ -168,7 +173,28 @@ def write_inputs(work: Path) -> dict[str, Path]:
             gt = reduced_gt(paths["data"], dataset, image_id)
             Image.fromarray(prediction_map(rng, gt, NUM_CLASSES[dataset])).save(out)
     write_track_inputs(paths)
+    write_reco_inputs(paths)
     return paths
+
+
+def write_reco_inputs(paths: dict[str, Path]) -> None:
+    """ReCo's three inputs in their published layouts: DenseCLIP weights of the tiny ResNet, a
+    distilled DeiT checkpoint ({"model": ...}), and a reference pickle per dataset."""
+    import pickle
+
+    from ovseg_bench.datasets.cards import load_card
+    from tests.methods.test_reco import write_tiny_deit
+
+    paths["rn_weights"] = paths["weights"].parent / "tiny_rn.pt"
+    torch.save(tiny_clip_state(RECO_SEED, TINY_RN), paths["rn_weights"])
+    paths["deit"] = write_tiny_deit(paths["weights"].parent / "deit_tiny.pth", seed=RECO_SEED)
+    gen = _gen(RECO_SEED)
+    for dataset, _ in COMBOS:  # a reference for every name either naming scheme uses
+        card = load_card(dataset)
+        names = dict.fromkeys(n for scheme in ("mmseg", "sclip") for c in card.class_synonyms(scheme) for n in c)
+        refs = {name: torch.nn.functional.normalize(torch.randn(64, generator=gen), dim=0) for name in names}
+        paths[f"refs_{dataset}"] = paths["weights"].parent / f"refs_{dataset}.pkl"
+        paths[f"refs_{dataset}"].write_bytes(pickle.dumps(refs, protocol=4))
 
 
 def write_track_inputs(paths: dict[str, Path]) -> None:
@@ -213,6 +239,9 @@ def extra_args(method: str, paths: dict[str, Path], dataset: str) -> list[str]:
     tiny = ["--model", str(TINY_MODEL), "--pretrained", str(paths["weights"])]
     if method in ("tcl", "tcl_nopamr"):
         return tiny + ["--checkpoint", str(paths["checkpoint"])]
+    if method == "reco_nocrf":
+        return ["--model", str(TINY_RN), "--pretrained", str(paths["rn_weights"]), "--checkpoint", str(paths["deit"]),
+                "--references", str(paths[f"refs_{dataset}"])]
     if method == "predictions":
         # The maps hold an out-of-range value on purpose: the golden counts pin mmseg's drop rule.
         return ["--predictions", str(paths["predictions"] / dataset), "--predictions-out-of-range", "ignore"]

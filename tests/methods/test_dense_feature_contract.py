@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovseg_bench.methods.base import DatasetInfo, DenseFeatureMethod, LabelMethod, WeightsOptions
+from ovseg_bench.methods.base import DatasetInfo, DenseFeatureMethod, LabelMethod, MethodInputs, WeightsOptions
 from ovseg_bench.registry import get_method, method_names
 from tests.conftest import TINY_MODEL
 from tests.methods.test_tcl import random_state
@@ -37,10 +37,30 @@ def test_every_window_method_of_the_semantic_track_has_a_known_base():
     assert {"clip", "maskclip", "sclip", "clearclip", "naclip", "tcl", "tcl_nopamr"} <= set(dense_methods())
 
 
-@pytest.mark.parametrize("name", dense_methods())
-def test_one_embedding_scores_each_vocabulary_as_its_own_forward_pass(name, tcl_checkpoint):
+@pytest.fixture(scope="module")
+def reco_files(tmp_path_factory):
+    from tests.methods.test_reco import write_references, write_tiny_deit
+
+    root = tmp_path_factory.mktemp("reco")
+    names = [*VOC.class_names, *ADE.class_names]
+    return write_tiny_deit(root / "deit.pth"), write_references(root / "refs.pkl", names)
+
+
+def build(name: str, tcl_checkpoint, reco_files):
+    """Each dense method on tiny random networks of its own kind."""
+    if name.startswith("reco"):
+        from tests.methods.test_reco import TINY_RN
+
+        deit, refs = reco_files
+        return get_method(name)(WeightsOptions(model=TINY_RN, pretrained="none", checkpoint=deit),
+                                torch.device("cpu"), inputs=MethodInputs(references=refs))
     weights = WeightsOptions(model=TINY_MODEL, pretrained="none", checkpoint=tcl_checkpoint)
-    method = get_method(name)(weights, torch.device("cpu"))
+    return get_method(name)(weights, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", dense_methods())
+def test_one_embedding_scores_each_vocabulary_as_its_own_forward_pass(name, tcl_checkpoint, reco_files):
+    method = build(name, tcl_checkpoint, reco_files)
     windows = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
     voc = method.encode_classes([["background"], ["cat"], ["dog"]], VOC)
     ade = method.encode_classes([["wall"], ["floor"], ["sky"], ["tree"]], ADE)

@@ -1,0 +1,127 @@
+"""``reco_nocrf``: ReCo's inference (NoelShin/reco@5c5e1bc networks/reco.py ReCo.__call__) on tiny
+random networks in the published layouts, against an independent computation of each step."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovseg_bench.errors import ConfigError, DataError
+from ovseg_bench.methods.base import DatasetInfo, MethodInputs, WeightsOptions
+from ovseg_bench.methods.reco_backbones import deit_dense_features, denseclip_features
+from ovseg_bench.registry import get_method
+from tests.conftest import call_cli, result_jsons, run_argv
+
+TINY_RN = str(Path(__file__).resolve().parents[1] / "assets" / "tiny_rn.json")
+ADE = DatasetInfo("ade20k", ("wall", "floor", "sky"), False)
+
+
+def write_tiny_deit(path: Path, seed: int = 0) -> Path:
+    """A distilled DeiT (64-d, 2 blocks, 16 px patches, 4 x 4 native grid) in ReCo's layout."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(seed)
+    model = VisionTransformerDistilled(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=1,
+                                       mlp_ratio=2.0, qkv_bias=True)
+    torch.save({"model": model.state_dict(), "epoch": 3}, path)
+    return path
+
+
+def write_references(path: Path, names, dim: int = 64, seed: int = 1) -> Path:
+    gen = torch.Generator().manual_seed(seed)
+    refs = {name: F.normalize(torch.randn(dim, generator=gen), dim=0) for name in names}
+    path.write_bytes(pickle.dumps(refs, protocol=4))  # ReCo writes them with pickle.dump
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reco")
+    return {"deit": write_tiny_deit(root / "deit_s_sin_dist.pth"),
+            "refs": write_references(root / "refs.pkl", ADE.class_names)}
+
+
+def build(files, refs: Path | None = None):
+    weights = WeightsOptions(model=TINY_RN, pretrained="none", checkpoint=files["deit"])
+    return get_method("reco_nocrf")(weights, torch.device("cpu"), inputs=MethodInputs(references=refs or files["refs"]))
+
+
+def test_scores_are_sigmoid_references_times_sigmoid_text(files):
+    method = build(files)
+    vocab = method.encode_classes([["wall"], ["floor"], ["sky"]], ADE)
+    windows = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        got = method.forward_windows(windows, vocab)
+        deit = deit_dense_features(method.deit, windows)
+        clip = denseclip_features(method.visual, windows)
+    refs = pickle.loads(Path(files["refs"]).read_bytes())
+    r = torch.stack([refs[n] for n in ("wall", "floor", "sky")])
+    d = torch.sigmoid(torch.einsum("bchw,nc->bnhw", deit / deit.norm(dim=1, keepdim=True), r))
+    d = F.interpolate(d, size=(96, 64), mode="bilinear", align_corners=False)
+    text = vocab.embeddings
+    lang = torch.sigmoid(10 * torch.einsum("bchw,nc->bnhw", clip / clip.norm(dim=1, keepdim=True), text))
+    lang = F.interpolate(lang, size=(96, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, d * lang, rtol=0, atol=1e-6)
+    assert got.shape == (2, 3, 96, 64) and deit.shape[-2:] == (6, 4) and clip.shape[-2:] == (3, 2)
+
+
+def test_text_is_the_85_template_normalised_average(files):
+    method = build(files)
+    vocab = method.encode_classes([["wall"], ["floor"], ["sky"]], ADE)
+    templates = [line for line in (Path(__file__).resolve().parents[2] / "configs" / "templates" /
+                                   "maskclip85.txt").read_text().splitlines() if line]
+    model, tok = method.text.model, method.text.tokenizer
+    with torch.no_grad():
+        feats = model.encode_text(tok([t.format("floor") for t in templates])).float()
+    want = F.normalize(F.normalize(feats, dim=-1).mean(0), dim=0)
+    torch.testing.assert_close(vocab.embeddings[1], want, rtol=0, atol=1e-6)
+
+
+def test_inputs_are_ImageNet_unit_normalised(files):
+    x = torch.tensor([[[[0, 128, 255]]] * 3], dtype=torch.uint8).reshape(1, 3, 1, 3)
+    got = build(files).normalisation.apply(x)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    want = (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    assert torch.equal(got, want)
+
+
+def test_an_unmatched_class_names_the_file_and_its_names(files):
+    with pytest.raises(DataError, match=r"no reference for class 'ceiling'.*\['floor', 'sky', 'wall'\]"):
+        build(files).encode_classes([["wall"], ["ceiling"]], ADE)
+
+
+def test_references_are_required_and_a_malicious_pickle_is_refused(files, tmp_path):
+    with pytest.raises(ConfigError, match="--references"):
+        get_method("reco_nocrf")(WeightsOptions(model=TINY_RN, pretrained="none", checkpoint=files["deit"]),
+                                 torch.device("cpu"))
+
+    class Evil:
+        def __reduce__(self):
+            return (eval, ("1",))
+
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps({"wall": Evil()}))
+    from ovseg_bench.safe_pickle import UnsafePickleError
+
+    with pytest.raises(UnsafePickleError, match="eval"):
+        build(files, refs=bad)
+
+
+def test_a_run_through_the_cli(files, synthetic_tree, tmp_path):
+    from ovseg_bench.datasets.cards import load_card
+
+    root, _ = synthetic_tree
+    refs = write_references(tmp_path / "voc_refs.pkl", load_card("voc").class_names())
+    argv = run_argv("reco_nocrf", "voc", tmp_path / "out", "--checkpoint", files["deit"], "--references", refs,
+                    data_root=root, tiny=False) + ["--model", TINY_RN, "--pretrained", "none"]
+    code, _, stderr = call_cli(argv)
+    assert code == 0, stderr
+    (path,) = result_jsons(tmp_path / "out")
+    import json
+
+    result = json.loads(path.read_text())
+    assert result["method"]["config"]["references"] == str(refs.resolve())
+    assert result["method"]["weights"]["checkpoint"] == str(Path(files["deit"]).resolve())
