@@ -87,20 +87,31 @@ def center_crop_box(height: int, width: int, side: int) -> tuple[int, int]:
     return int(round((height - side) / 2.0)), int(round((width - side) / 2.0))
 
 
+# How the image is resized (DatasetSettings.interpolation): cv2's uint8 bilinear without
+# antialiasing (mmcv), or Pillow's resample filters as torchvision applies them to PIL images
+# (ReCo: NEAREST for COCO-Stuff and Cityscapes, BILINEAR for Pascal Context).
+INTERPOLATIONS = ("cv2_bilinear", "pil_bilinear", "pil_nearest")
+_PIL_FILTERS = {"pil_bilinear": Image.BILINEAR, "pil_nearest": Image.NEAREST}
+
+
 def model_input(bgr: np.ndarray, short_side: int, long_side: int, *, rule: str = "mmcv",
-                center_crop: int | None = None) -> torch.Tensor:
+                center_crop: int | None = None, interpolation: str = "cv2_bilinear") -> torch.Tensor:
     """Decoded HxWx3 uint8 BGR -> the resized (and centre-cropped) [3,h,w] uint8 RGB tensor a
     method is fed, normalised later on the device.
 
     ``rule``: ``mmcv`` (keep ratio, long side capped, :func:`rescale_size`) or ``short_side``
-    (:func:`short_side_size`); both resize with cv2's uint8 bilinear.
+    (:func:`short_side_size`); ``interpolation``: one of :data:`INTERPOLATIONS`.
     """
     new_h, new_w = resized_shape(bgr.shape[:2], short_side, long_side, rule=rule)
-    resized = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    if interpolation == "cv2_bilinear":
+        resized = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    else:
+        resized = np.array(Image.fromarray(rgb).resize((new_w, new_h), _PIL_FILTERS[interpolation]))
     if center_crop is not None:
         top, left = center_crop_box(resized.shape[0], resized.shape[1], center_crop)
         resized = resized[top:top + center_crop, left:left + center_crop]
-    return torch.from_numpy(np.ascontiguousarray(resized[:, :, ::-1].transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
 def label_geometry(label: np.ndarray, size: tuple[int, int], center_crop: int) -> np.ndarray:

@@ -119,3 +119,30 @@ def test_a_centre_crop_preset_gives_image_and_gt_the_same_geometry(tmp_path):
     bgr = cv2.imread(str(tmp_path / "a.png"), cv2.IMREAD_COLOR)
     rgb = cv2.resize(bgr, (425, 320), interpolation=cv2.INTER_LINEAR)[:, 52:372, ::-1]
     assert torch.equal(sample.image, torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))))
+
+
+@pytest.mark.parametrize("dataset,resample", [("coco_stuff", Image.NEAREST), ("context", Image.BILINEAR)])
+def test_recos_preset_resizes_with_pillow_then_crops(tmp_path, dataset, resample):
+    """ReCo's evaluation input, computed independently: PIL RGB, Resize(320) with the dataset's
+    filter (short side 320, long side truncated), centre crop 320 (NoelShin/reco@5c5e1bc)."""
+    card = load_card(dataset)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(400, 533, 3), dtype=np.uint8)
+    gt = rng.integers(0, 20, size=(400, 533), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(gt, mode="L").save(tmp_path / "a_gt.png")
+    settings = load_protocol("reco").settings_for(dataset)
+    sample = SplitDataset(card, [SampleRef("a", tmp_path / "a.png", tmp_path / "a_gt.png")], settings)[0]
+    assert sample.error is None
+    width = int(320 * 533 / 400)  # 426
+    left = int(round((width - 320) / 2.0))  # 53
+    rgb = np.array(Image.open(tmp_path / "a.png").convert("RGB").resize((width, 320), resample))[:, left:left + 320]
+    assert torch.equal(sample.image, torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))))
+    assert tuple(sample.gt.shape) == (320, 320)
+
+
+def test_reco_nocrf_native_is_recos_preset():
+    from ovseg_bench.engine.protocol import resolve_protocol
+    from ovseg_bench.registry import get_method
+
+    assert resolve_protocol("native", get_method("reco_nocrf")) == "reco"

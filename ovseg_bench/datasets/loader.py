@@ -52,7 +52,7 @@ class SplitDataset(Dataset):
             return Sample(index, ref.image_id, None, None, problem)
         settings = self.settings
         rgb = model_input(bgr, settings.short_side, settings.long_side, rule=settings.resize,
-                          center_crop=settings.center_crop)
+                          center_crop=settings.center_crop, interpolation=settings.interpolation)
         if settings.center_crop is not None:  # the GT takes the input's geometry; scores are made at its size
             size = resized_shape(bgr.shape[:2], settings.short_side, settings.long_side, rule=settings.resize)
             gt = label_geometry(gt, size, settings.center_crop)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..imaging import INTERPOLATIONS
 from ..registry import unknown_name_message
 from ..resources import configs_dir
 from ..yamlconf import from_mapping, read_yaml
@@ -44,12 +45,15 @@ class DatasetSettings:
     resize: str = "mmcv"
     center_crop: int | None = None
     labels_from: str | None = None  # label-conditioned track: image labels from "gt" or "xml"; None = card default
+    interpolation: str = "cv2_bilinear"  # the image resize (imaging.INTERPOLATIONS)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"inference mode '{self.mode}' is not one of {MODES}")
         if self.resize not in RESIZE_RULES:
             raise ConfigError(f"resize rule '{self.resize}' is not one of {RESIZE_RULES}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation '{self.interpolation}' is not one of {INTERPOLATIONS}")
         if min(self.short_side, self.long_side, self.crop, self.stride) <= 0:
             raise ConfigError(f"sizes must be positive, found {self}")
         if self.center_crop is not None and not 0 < self.center_crop <= self.short_side:
@@ -66,7 +70,7 @@ class DatasetSettings:
 
 
 RESIZE_RULES = ("mmcv", "short_side")
-LATER_FIELDS = {"resize": "mmcv", "center_crop": None, "labels_from": None}  # fields added after schema v2's first results
+LATER_FIELDS = {"resize": "mmcv", "center_crop": None, "labels_from": None, "interpolation": "cv2_bilinear"}  # fields added after schema v2's first results
 
 
 @dataclasses.dataclass(frozen=True)

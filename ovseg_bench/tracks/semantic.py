@@ -189,7 +189,8 @@ def segment_image(method: WindowMethod, bgr: np.ndarray, classes: list[list[str]
     counts = IoUCounts(len(names), device=device, keep_per_image=False)
     scorer = WindowScorer(method, None, settings, counts, options, device, info=info, classes=classes,
                           on_item=lambda index, image_id, labels, gt: found.append(labels))
-    rgb = model_input(bgr, settings.short_side, settings.long_side, rule=settings.resize)
+    rgb = model_input(bgr, settings.short_side, settings.long_side, rule=settings.resize,
+                      interpolation=settings.interpolation)
     unscored = torch.full(bgr.shape[:2], 255, dtype=torch.uint8)  # all ignored: no metric here
     with torch.inference_mode():
         scorer.push(Sample(0, "image", rgb, unscored))
