@@ -44,6 +44,12 @@ class Vocabulary:
     num_classes: int
 
 
+def synonym_queries(classes: list[list[str]], first: int = 0) -> tuple[list[str], list[int]]:
+    """Text queries of ``classes[first:]``, one per synonym, and the class index of each query."""
+    names = [name for synonyms in classes[first:] for name in synonyms]
+    return names, [c for c, synonyms in enumerate(classes) if c >= first for _ in synonyms]
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightsOptions:
     """Where a method's weights come from (``--model``, ``--pretrained``, ``--checkpoint``)."""

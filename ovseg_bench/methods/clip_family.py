@@ -33,7 +33,7 @@ from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
 from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
-                   register_config_variants)
+                   register_config_variants, synonym_queries)
 from .clip_model import load_clip
 from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
 from .prompts import ClipTextEncoder
@@ -124,8 +124,7 @@ class ClipFamily(DenseFeatureMethod):
     def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> Vocabulary:
         # TCL's constant-plane rule scores only the foreground classes; the plane is class 0.
         first = 1 if self.config.background == "constant" and info.background_class else 0
-        names = [name for synonyms in classes[first:] for name in synonyms]
-        query_class = [c for c, synonyms in enumerate(classes) if c >= first for _ in synonyms]
+        names, query_class = synonym_queries(classes, first)
         repeated = sorted({n for n in names if names.count(n) > 1})
         if self.config.refuse_duplicate_names and repeated:
             raise ConfigError(f"method '{self.config.name}': class name(s) {repeated} occur more than once in "

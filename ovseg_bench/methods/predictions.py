@@ -77,6 +77,7 @@ class PredictionsMethod(LabelMethod, SavedMaskMethod, CamMethod):
         self.bg_threshold = inputs.bg_threshold
         self.plain, self.named = parse_prediction_folders(tuple(inputs.predictions))
         self._several = False  # whether the run scores several datasets (check_datasets)
+        self._cams: dict[str, bool] = {}  # dataset -> its folder holds .npy CAMs (scanned once)
         for folder in [*([self.plain] if self.plain else []), *self.named.values()]:
             if not folder.is_dir():
                 raise DataError(f"--predictions {folder}: folder not found")
@@ -123,10 +124,12 @@ class PredictionsMethod(LabelMethod, SavedMaskMethod, CamMethod):
 
     def _has_cams(self, dataset: str) -> bool:
         """A folder of ``.npy`` CAMs (label-conditioned track) rather than label PNGs."""
-        try:
-            return next(self.folder_for(dataset).rglob("*.npy"), None) is not None
-        except DataError:
-            return False
+        if dataset not in self._cams:
+            try:
+                self._cams[dataset] = next(self.folder_for(dataset).rglob("*.npy"), None) is not None
+            except DataError:
+                return False
+        return self._cams[dataset]
 
     def adapter_for(self, track: str, dataset: str) -> type | None:
         if track == "label-conditioned":  # one method, two kinds of saved output: the folder says which

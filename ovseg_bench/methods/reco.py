@@ -34,7 +34,7 @@ from ..resources import configs_dir
 from ..safe_pickle import safe_load_tensors
 from ..yamlconf import load_dataclass
 from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
-                   register_config_variants)
+                   register_config_variants, synonym_queries)
 from .clip_family import synonym_max
 from .clip_model import load_clip
 from .prompts import ClipTextEncoder
@@ -125,8 +125,7 @@ class Reco(DenseFeatureMethod):
         return cfg
 
     def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> RecoVocabulary:
-        names = [name for synonyms in classes for name in synonyms]
-        query_class = [c for c, synonyms in enumerate(classes) for _ in synonyms]
+        names, query_class = synonym_queries(classes)
         references = torch.stack([self._reference(name, info) for name in names]).to(self.device)
         return RecoVocabulary(self.text.encode(names), torch.tensor(query_class, dtype=torch.long, device=self.device),
                               len(classes), references=references)

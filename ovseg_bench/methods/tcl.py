@@ -50,7 +50,7 @@ from ..yamlconf import load_dataclass
 from . import clip_dense
 from .checkpoints import Mismatch, compare_state_dict, fetch_checkpoint, load_strict, read_checkpoint, sha256_file
 from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
-                   register_config_variants)
+                   register_config_variants, synonym_queries)
 from .clip_family import synonym_max
 from .clip_model import load_clip
 from .pamr import PAMR, TCL_PAMR
@@ -334,8 +334,8 @@ class Tcl(DenseFeatureMethod):
         """Text queries for every synonym of the classes; background is never text-encoded (as in tcl_seg.py)."""
         plane = info.background_class
         first = 1 if plane else 0
-        names = [name for synonyms in classes[first:] for name in synonyms]
-        query_class = ([0] if plane else []) + [c for c, synonyms in enumerate(classes) if c >= first for _ in synonyms]
+        names, queries = synonym_queries(classes, first)
+        query_class = ([0] if plane else []) + queries
         embeddings = self.text.encode(names)
         if plane:
             embeddings = torch.cat([embeddings.new_zeros(1, embeddings.shape[1]), embeddings])

@@ -28,13 +28,9 @@ from ..datasets.label_conditioned import LabelConditionedCard, LabelConditionedD
 from ..engine.metrics import IoUCounts, ThresholdCurveCounts, threshold_label
 from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer
 from ..errors import DataError
-from ..methods.base import CamMethod, DatasetInfo, LabelMethod
+from ..methods.base import CamMethod, LabelMethod
 from .base import Track
-from .semantic import LabelScorer
-
-
-def dataset_info(card: LabelConditionedCard) -> DatasetInfo:
-    return DatasetInfo(card.name, card.class_names(), card.background_class)
+from .semantic import LabelScorer, dataset_info
 
 
 def curve_counts(card: LabelConditionedCard, method: CamMethod, device: torch.device) -> ThresholdCurveCounts:

@@ -33,7 +33,8 @@ from ..methods.base import DatasetInfo, LabelMethod, Method, WindowMethod
 from .base import Track
 
 
-def dataset_info(card: DatasetCard) -> DatasetInfo:
+def dataset_info(card: Any) -> DatasetInfo:
+    """What an adapter may know of a card with classes (semantic and label-conditioned)."""
     return DatasetInfo(card.name, card.class_names(), card.background_class)
 
 
