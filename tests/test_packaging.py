@@ -69,7 +69,7 @@ def test_installed_package_finds_cards_configs_and_demo(wheel, tmp_path):
         "assert str(cards_dir()).startswith(ovseg_bench.__path__[0]), cards_dir()\n"
         "for n in card_names():\n"
         "    c = load_card(n)\n"
-        "    if c.track == 'semantic': c.class_synonyms('mmseg'); c.class_synonyms('sclip')\n"
+        "    if c.track == 'semantic': [c.class_synonyms(s) + c.prediction_synonyms(s) for s in c.classnames]\n"
         "[load_protocol(p) for p in protocol_names()]\n"
         "[load_method_config(m) for m in ('clip', 'maskclip', 'sclip', 'clearclip', 'naclip')]\n"
         "[load_templates(t) for t in ('tcl9', 'imagenet80', 'maskclip85')]\n"

@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..registry import resolve_name, unknown_name_message
 from ..resources import cards_dir
@@ -43,6 +45,13 @@ class DatasetCard:
     classnames: dict[str, str]     # naming scheme ("mmseg", "sclip") -> class-name file, relative to the cards folder
     raw_label_max: int             # largest GT value on disk, before reduce_zero_label
     split_file: str | None = None  # relative to root; None = recursive directory scan (as mmseg)
+    # A copy of the split file, relative to the cards folder, read when split_file is absent under the data root.
+    shipped_split_file: str | None = None
+    # Scheme -> class-name file of the classes methods predict, when they differ from the scored ones;
+    # predicted_to_class (a label-map file) then gives the scored class of each predicted class.
+    predicted_classnames: dict[str, str] = dataclasses.field(default_factory=dict)
+    predicted_to_class: str | None = None
+    gt_map: str | None = None      # label-map file: raw GT value -> scored class; unlisted values are ignored
     reduce_zero_label: bool = False
     ignore_index: int = 255
     background_class: bool = False  # class 0 is "background" (VOC21, Context60, COCO-Object)
@@ -53,20 +62,27 @@ class DatasetCard:
     card_version: int = 1
 
     def __post_init__(self) -> None:
+        where = f"dataset card '{self.name}'"
         if self.track not in TRACKS:
-            raise ConfigError(f"dataset card '{self.name}': track '{self.track}' is not one of {TRACKS}")
+            raise ConfigError(f"{where}: track '{self.track}' is not one of {TRACKS}")
+        if self.gt_map is not None and self.reduce_zero_label:
+            raise ConfigError(f"{where}: gt_map and reduce_zero_label both change the GT; give one of them "
+                              "(a gt_map can express reduce_zero_label)")
+        if bool(self.predicted_classnames) != (self.predicted_to_class is not None):
+            raise ConfigError(f"{where}: predicted_classnames and predicted_to_class go together (the predicted "
+                              "classes and the scored class of each); give both or neither")
+        if self.predicted_classnames and set(self.predicted_classnames) != set(self.classnames):
+            raise ConfigError(f"{where}: predicted_classnames has naming schemes {sorted(self.predicted_classnames)} "
+                              f"but classnames has {sorted(self.classnames)}; give both lists for the same schemes")
+        if self.shipped_split_file is not None and self.split_file is None:
+            raise ConfigError(f"{where}: shipped_split_file is a copy of split_file, which the card lacks")
 
     def root_in(self, data_root: Path) -> Path:
         """The split's root folder for a given data root."""
         return (cards_dir() if self.embedded else Path(data_root)) / self.root
 
     def classnames_file(self, scheme: str) -> Path:
-        if scheme not in self.classnames:
-            raise ConfigError(
-                f"dataset '{self.name}' has no class-name list for naming scheme '{scheme}'; "
-                f"it has {sorted(self.classnames)}"
-            )
-        return cards_dir() / self.classnames[scheme]
+        return self._names_file(self.classnames, scheme, "class-name list")
 
     def class_synonyms(self, scheme: str) -> list[list[str]]:
         """Classes in label order, each a list of names (synonyms).
@@ -75,12 +91,7 @@ class DatasetCard:
         (wangf3014/SCLIP@b56bd30:configs/cls_*.txt). Names are kept verbatim (ADE's "bed " keeps
         its space: CLIP's tokenizer strips it, ``whitespace_clean`` in its simple tokenizer).
         """
-        path = self.classnames_file(scheme)
-        lines = _read_lines(path)
-        classes = [[line] if scheme == "mmseg" else line.split(", ") for line in lines]
-        if len(classes) != self.num_classes:
-            raise ConfigError(f"{path}: {len(classes)} classes, expected {self.num_classes} for '{self.name}'")
-        return classes
+        return _synonyms(self.classnames_file(scheme), scheme, self.num_classes, self.name)
 
     def class_names(self) -> tuple[str, ...]:
         """Canonical class names (the mmseg list): the keys of per-class results."""
@@ -89,6 +100,112 @@ class DatasetCard:
     @property
     def num_classes(self) -> int:
         return len(self.class_names())
+
+    def prediction_synonyms(self, scheme: str) -> list[list[str]]:
+        """The classes methods predict, in label order, each a list of synonyms (as :meth:`class_synonyms`).
+
+        The scored classes themselves unless the card has ``predicted_classnames`` (COCO-Stuff-27:
+        the 171 fine classes, mapped to the 27 scored ones by :meth:`prediction_map`).
+        """
+        if not self.predicted_classnames:
+            return self.class_synonyms(scheme)
+        path = self._names_file(self.predicted_classnames, scheme, "predicted class-name list")
+        return _synonyms(path, scheme, len(self.prediction_names()), self.name)
+
+    def prediction_names(self) -> tuple[str, ...]:
+        """Canonical names (scheme mmseg) of the predicted classes; the scored ones if they are the same."""
+        if not self.predicted_classnames:
+            return self.class_names()
+        return tuple(_read_lines(self._names_file(self.predicted_classnames, "mmseg", "predicted class-name list")))
+
+    def prediction_map(self) -> np.ndarray | None:
+        """int64 [num_predicted]: the scored class (0..num_classes-1) of each predicted class, applied to
+        predicted labels after the argmax; None when methods predict the scored classes.
+
+        Raises ConfigError naming the ``predicted_to_class`` file (and line) when it does not give one
+        class in range per predicted class.
+        """
+        if self.predicted_to_class is None:
+            return None
+        path = cards_dir() / self.predicted_to_class
+        rows = _label_map_rows(path, width=1)
+        expected = len(self.prediction_names())
+        if len(rows) != expected:
+            raise ConfigError(f"{path}: {len(rows)} entries, expected one per predicted class of '{self.name}' "
+                              f"({expected}, the lines of {self.predicted_classnames['mmseg']})")
+        for line, (value,) in rows:
+            _check_class(path, line, value, self.num_classes)
+        return np.array([value for _, (value,) in rows], dtype=np.int64)
+
+    def gt_lut(self) -> np.ndarray | None:
+        """uint8 [256]: raw GT value on disk -> scored class, every value ``gt_map`` does not list ->
+        ``ignore_index``; None when the raw values are the classes (after any reduce_zero_label).
+
+        Raises ConfigError naming the ``gt_map`` file and line for a raw value outside
+        0..raw_label_max, a value listed twice or a class out of range.
+        """
+        if self.gt_map is None:
+            return None
+        path = cards_dir() / self.gt_map
+        lut = np.full(256, self.ignore_index, dtype=np.uint8)
+        seen: set[int] = set()
+        for line, (raw, label) in _label_map_rows(path, width=2):
+            if not 0 <= raw <= self.raw_label_max or raw in seen:
+                state = "is listed twice" if raw in seen else f"is outside 0..{self.raw_label_max} (raw_label_max)"
+                raise ConfigError(f"{path}, line {line}: raw value {raw} {state}; list each raw GT value of "
+                                  f"'{self.name}' at most once")
+            _check_class(path, line, label, self.num_classes)
+            seen.add(raw)
+            lut[raw] = label
+        return lut
+
+    def _names_file(self, table: dict[str, str], scheme: str, what: str) -> Path:
+        if scheme not in table:
+            raise ConfigError(
+                f"dataset '{self.name}' has no {what} for naming scheme '{scheme}'; it has {sorted(table)}"
+            )
+        return cards_dir() / table[scheme]
+
+
+def _synonyms(path: Path, scheme: str, expected: int, card: str) -> list[list[str]]:
+    """A class-name file's classes: one name per line for scheme mmseg, else ", "-separated synonyms."""
+    classes = [[line] if scheme == "mmseg" else line.split(", ") for line in _read_lines(path)]
+    if len(classes) != expected:
+        raise ConfigError(f"{path}: {len(classes)} classes, expected {expected} for '{card}'")
+    return classes
+
+
+def _label_map_rows(path: Path, *, width: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(line number, ``width`` integers) of each entry of a label-map file.
+
+    One entry per line; ``#`` starts a comment; blank and comment-only lines are skipped. Raises
+    ConfigError naming the file (and the line) when it is unreadable or a line is malformed.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the label-map file ({exc}); reinstall ovseg-bench or fix "
+                          "the card that names it") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        try:
+            values = tuple(int(f) for f in fields)
+        except ValueError:
+            values = ()
+        if len(values) != width:
+            expected = "one integer" if width == 1 else f"{width} integers"
+            raise ConfigError(f"{path}, line {number}: {line.strip()!r} is not {expected} (optionally followed by "
+                              "a # comment)")
+        rows.append((number, values))
+    return rows
+
+
+def _check_class(path: Path, line: int, value: int, num_classes: int) -> None:
+    if not 0 <= value < num_classes:
+        raise ConfigError(f"{path}, line {line}: class {value} is outside 0..{num_classes - 1}, the card's classes")
 
 
 def _read_lines(path: Path) -> list[str]:

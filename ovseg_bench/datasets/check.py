@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import DataError
 from ..resources import cards_dir
 from .cards import DatasetCard
-from .listing import SampleRef, data_root_hint, layout_paths, list_samples, missing_gt, path_exists
+from .listing import SampleRef, data_root_hint, layout_paths, list_samples, missing_gt, path_exists, split_path
 from ..atomic import atomic_write
 
 SHOW_FIRST = 5  # missing file names shown per problem; the count is always given
@@ -99,15 +99,24 @@ def check_dataset(card: DatasetCard, data_root: Path, *, num_expected: int | Non
     if gone:
         problems.append(_summarise(gone, len(samples), "images", root / card.img_dir, lambda s: s.image_path))
     if not samples and not problems:
-        problems.append(_nothing_listed(card, root))
+        problems.append(_nothing_listed(card, data_root, root))
     if samples:
         for step in _STEPS:
             problems.extend(step(card, root, samples))
     findings = _deep_check(card, root, samples) if deep and samples else DeepFindings()
     problems.extend(findings.problems)
     expected = card.num_images if num_expected is None else num_expected
+    notes = _split_note(card, data_root) + findings.notes
     return DatasetCheck(card.name, root, root.is_dir(), problems, len(samples) - len(gone), expected,
-                        notes=findings.notes, exif_rotated=findings.exif_rotated, deep=deep)
+                        notes=notes, exif_rotated=findings.exif_rotated, deep=deep)
+
+
+def _split_note(card: DatasetCard, data_root: Path) -> tuple[str, ...]:
+    """A note when listing reads the card's shipped copy of its split file (none under the data root)."""
+    split, local = split_path(card, data_root), card.root_in(data_root) / (card.split_file or "")
+    if split is None or split == local:
+        return ()
+    return (f"split list read from the copy shipped with the card, {split} (no {local})",)
 
 
 def _layout_problems(card: DatasetCard, data_root: Path, root: Path) -> list[str]:
@@ -134,10 +143,10 @@ def _try_listing(card: DatasetCard, data_root: Path, problems: list[str]) -> lis
         return []
 
 
-def _nothing_listed(card: DatasetCard, root: Path) -> str:
+def _nothing_listed(card: DatasetCard, data_root: Path, root: Path) -> str:
     """Why a complete layout yielded no sample: an empty split file or no matching image names."""
     if card.split_file is not None:
-        return f"split file {root / card.split_file} lists no images"
+        return f"split file {split_path(card, data_root)} lists no images"
     return f"no images with names ending in '{card.img_suffix}' in {root / card.img_dir}"
 
 

@@ -22,6 +22,7 @@ file, so each is tested on hand-made inputs and run in worker processes by
   ``*_gtFine_polygons.json`` exactly as cityscapesscripts' ``json2labelImg(..., 'trainIds')``
   draws them (Pillow ``ImageDraw.polygon`` in file order on a 255 background), or remapped from
   ``*_gtFine_labelIds.png`` (which differs along object edges, mcordts/cityscapesScripts#29).
+  Label ids (Cityscapes-27) are drawn the same way with encoding 'ids' (background 0).
 
 Values the published files never hold (the 11 unused COCO values, ids outside the Cityscapes
 table) are mapped to the ignore or background value rather than left as they are; the callers
@@ -229,33 +230,52 @@ def cityscapes_label_of(name: str) -> tuple[int, int]:
     return _CITYSCAPES_BY_NAME[name]
 
 
-def cityscapes_train_ids_from_polygons(annotation: Mapping[str, Any]) -> np.ndarray:
-    """A parsed ``*_gtFine_polygons.json`` -> uint8 (imgHeight, imgWidth) train ids (0..18, 255).
+# json2labelImg's encodings: which number of a label, in cityscapes_label_of's (id, trainId), is drawn.
+CITYSCAPES_ENCODINGS = {"ids": 0, "trainIds": 1}
 
-    As ``json2labelImg(..., 'trainIds')``: an L image filled with 'unlabeled''s trainId (255);
-    objects drawn in file order with ``ImageDraw.polygon(points, fill=trainId)``; deleted
-    objects and labels with a negative id (license plate) skipped; void labels such as 'out of
-    roi' or 'ego vehicle' drawn with 255 over what lies beneath.
+
+def cityscapes_polygons_to_label_map(annotation: Mapping[str, Any], encoding: str) -> np.ndarray:
+    """A parsed ``*_gtFine_polygons.json`` -> uint8 (imgHeight, imgWidth) map, as cityscapesscripts'
+    ``json2labelImg(..., encoding)`` draws it (``encoding``: "ids" or "trainIds").
+
+    An L image filled with 'unlabeled''s number in that encoding (id 0, trainId 255); objects drawn in
+    file order with ``ImageDraw.polygon(points, fill=number)``; deleted objects and labels with a
+    negative id (license plate) skipped; void labels such as 'out of roi' or 'ego vehicle' drawn
+    with their number (trainId 255) over what lies beneath.
     """
+    if encoding not in CITYSCAPES_ENCODINGS:
+        raise ValueError(f"encoding {encoding!r} is not one of {sorted(CITYSCAPES_ENCODINGS)}")
+    pick = CITYSCAPES_ENCODINGS[encoding]
     try:
         width, height = int(annotation["imgWidth"]), int(annotation["imgHeight"])
         objects = list(annotation["objects"])
     except (KeyError, TypeError, ValueError):
         raise DataError("not a Cityscapes polygon file: expected imgWidth, imgHeight and objects") from None
-    image = Image.new("L", (width, height), CITYSCAPES_IGNORE)
+    image = Image.new("L", (width, height), cityscapes_label_of("unlabeled")[pick])
     draw = ImageDraw.Draw(image)
     for obj in objects:
         if obj.get("deleted"):
             continue
-        label_id, train_id = cityscapes_label_of(str(obj["label"]))
-        if label_id < 0:
+        label = cityscapes_label_of(str(obj["label"]))
+        if label[0] < 0:
             continue
         points = [(p[0], p[1]) for p in obj["polygon"]]
         try:
-            draw.polygon(points, fill=train_id)
+            draw.polygon(points, fill=label[pick])
         except (TypeError, ValueError) as exc:
             raise DataError(f"cannot draw the polygon of a '{obj['label']}' object ({exc})") from None
     return np.array(image)
+
+
+def cityscapes_train_ids_from_polygons(annotation: Mapping[str, Any]) -> np.ndarray:
+    """A parsed ``*_gtFine_polygons.json`` -> uint8 train ids (0..18, 255), as ``json2labelImg(..., 'trainIds')``."""
+    return cityscapes_polygons_to_label_map(annotation, "trainIds")
+
+
+def cityscapes_label_ids_from_polygons(annotation: Mapping[str, Any]) -> np.ndarray:
+    """A parsed ``*_gtFine_polygons.json`` -> uint8 label ids (0..33), as ``json2labelImg(..., 'ids')``
+    (what ``*_gtFine_labelIds.png`` holds; background 'unlabeled' = 0)."""
+    return cityscapes_polygons_to_label_map(annotation, "ids")
 
 
 def _cityscapes_id_lut() -> np.ndarray:

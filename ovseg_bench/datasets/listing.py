@@ -5,7 +5,8 @@ The order matters: float32 metric totals are summed image by image in this order
 MMSegmentation's (``BaseSegDataset.load_data_list`` in mmseg/datasets/basesegdataset.py):
 
 - with a split file, its lines in file order; image = ``img_dir/<line><img_suffix>`` and
-  GT = ``ann_dir/<line><gt_suffix>``;
+  GT = ``ann_dir/<line><gt_suffix>``. The split file is the one under the data root; a card with a
+  ``shipped_split_file`` falls back to that copy (shipped beside the cards) when it is absent there;
 - without one, a recursive scan of ``img_dir`` for files whose name ends in ``img_suffix``
   (case-sensitive), sorted by relative path; the GT has the same relative path with the image
   suffix replaced by the GT suffix, under ``ann_dir``.
@@ -14,6 +15,7 @@ Listing only touches directories; GT files are checked by :func:`missing_gt` or 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,14 +46,44 @@ def list_samples(card: DatasetCard, data_root: Path) -> list[SampleRef]:
     """
     root = require_layout(card, data_root)
     img_dir, ann_dir = root / card.img_dir, root / card.ann_dir
-    if card.split_file is not None:
-        ids = read_split_file(root / card.split_file)
+    split = split_path(card, data_root)
+    if split is not None:
+        ids = read_split_file(split)
     else:
         ids = scan_image_ids(img_dir, card.img_suffix)
     return [
         SampleRef(i, img_dir / f"{i}{card.img_suffix}", ann_dir / f"{i}{card.gt_suffix}")
         for i in ids
     ]
+
+
+def split_path(card: Any, data_root: Path) -> Path | None:
+    """The split file listing reads, or None for a card listed by a directory scan.
+
+    The card's ``split_file`` under the data root when it exists there; otherwise its
+    ``shipped_split_file`` (relative to the cards folder) when the card has one and it exists; otherwise
+    the data-root path, which is then reported missing.
+    """
+    if getattr(card, "split_file", None) is None:
+        return None
+    local = card.root_in(Path(data_root)) / card.split_file
+    shipped = getattr(card, "shipped_split_file", None)
+    if local.is_file() or shipped is None or not (cards_dir() / shipped).is_file():
+        return local
+    return cards_dir() / shipped
+
+
+def split_file_used(card: Any, data_root: Path) -> tuple[Path, str] | None:
+    """(path, sha256 hex of its bytes) of the split file listing reads (see :func:`split_path`), or None
+    for a card listed by a directory scan. Raises DataError naming the file when it cannot be read."""
+    path = split_path(card, data_root)
+    if path is None:
+        return None
+    try:
+        return path, hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the split file ({exc}); `ovseg-bench data check {card.name}` "
+                        "shows what is in place") from None
 
 
 def missing_gt(samples: list[SampleRef]) -> list[SampleRef]:
@@ -61,12 +93,14 @@ def missing_gt(samples: list[SampleRef]) -> list[SampleRef]:
 
 def layout_paths(card: DatasetCard, data_root: Path) -> list[tuple[str, Path]]:
     """What listing needs, outermost first: (what, path) for the data root (unless the card is
-    embedded), the dataset folder, the image folder and the split file (if the card has one)."""
+    embedded), the dataset folder, the image folder and the split file (if the card has one: the
+    file :func:`split_path` chooses, so a shipped copy stands in for an absent one)."""
     root = card.root_in(Path(data_root))
     paths = [] if card.embedded else [("data root", Path(data_root))]
     paths += [("dataset folder", root), ("image folder", root / card.img_dir)]
-    if card.split_file is not None:
-        paths.append(("split file", root / card.split_file))
+    split = split_path(card, data_root)
+    if split is not None:
+        paths.append(("split file", split))
     return paths
 
 
@@ -152,7 +186,8 @@ def expected_layout(card: DatasetCard) -> str:
         f"GT {base}/{card.ann_dir}/<id>{card.gt_suffix}",
     ]
     if card.split_file is not None:
-        parts.append(f"split list {base}/{card.split_file}")
+        shipped = f" (else the copy <cards>/{card.shipped_split_file})" if card.shipped_split_file else ""
+        parts.append(f"split list {base}/{card.split_file}{shipped}")
     else:
         parts.append("no split list (the image folder is scanned recursively)")
     return ", ".join(parts)

@@ -27,7 +27,7 @@ class Sample:
     index: int
     image_id: str
     image: torch.Tensor | None        # [3,h,w] uint8 RGB, resized by the protocol
-    gt: torch.Tensor | None           # [H,W] uint8, reduce_zero_label applied where the card says
+    gt: torch.Tensor | None           # [H,W] uint8 classes: the card's gt_map or reduce_zero_label applied
     error: str | None = None
     skippable: bool = False           # an unreadable image: --on-error skip may drop it
 
@@ -37,6 +37,7 @@ class SplitDataset(Dataset):
 
     def __init__(self, card: DatasetCard, samples: list[SampleRef], settings: DatasetSettings):
         self.card, self.samples, self.settings = card, samples, settings
+        self.gt_lut = card.gt_lut()  # read once here (ConfigError before any worker starts), pickled to workers
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,4 +76,8 @@ class SplitDataset(Dataset):
             return None, (f"{path}: label values {bad[:10].tolist()} are outside 0..{self.card.raw_label_max} "
                           f"(and {self.card.ignore_index} = ignore) for dataset '{self.card.name}'; "
                           "was the dataset converted (e.g. train ids for COCO-Stuff / Cityscapes)?")
+        if self.gt_lut is not None:  # raw values -> scored classes (COCO-Stuff-27, Cityscapes-27)
+            if raw.dtype.kind == "i" and raw.size and raw.min() < 0:  # a signed map would index from the end
+                return None, f"{path}: ground truth holds negative values; expected an 8-bit label map"
+            return self.gt_lut[raw], None
         return (reduce_zero_label(raw) if self.card.reduce_zero_label else raw), None

@@ -1,7 +1,8 @@
 """`ovseg-bench data prepare`: from the published archives (or raw files in place) to a verified tree.
 
-One plan per prepare target (voc, context, coco_stuff, coco_object, cityscapes, ade20k); each
-runs the same stages, in order:
+One plan per prepare target (voc, context, coco_stuff, coco_object, cityscapes, ade20k, and the
+ReCo benchmarks coco_stuff27 and cityscapes27, which read the trees of coco_stuff and cityscapes);
+each runs the same stages, in order:
 
 1. place: move a tree extracted one level off (``<root>/ADEChallengeData2016``) where the card
    expects it;
@@ -10,10 +11,10 @@ runs the same stages, in order:
    folder, else download it (resumable, checksummed), then extract only the members the
    benchmark needs. An archive read only by the conversion (Context's ``trainval_merged.json``)
    is not fetched when the converted files are already complete;
-3. convert (context, coco_stuff, coco_object, cityscapes): the pure functions of
-   :mod:`.converters` over every file, in a process pool with a progress bar. A file whose
-   existing output already holds exactly the converted labels is kept; a target whose inputs
-   and outputs are unchanged since the last prepare (sizes and mtimes, recorded in
+3. convert (context, coco_stuff, coco_object, cityscapes and the two ReCo targets): the pure
+   functions of :mod:`.converters` over every file, in a process pool with a progress bar. A
+   file whose existing output already holds exactly the converted labels is kept (cityscapes27
+   never rewrites a shipped label-id PNG); a target whose inputs and outputs are unchanged since the last prepare (sizes and mtimes, recorded in
    ``ovseg_prepare.json``) is skipped outright;
 4. record: ``ovseg_gt_sha256.json`` (sha256 of each converted val GT file, read by
    ``data check --deep``) and ``ovseg_prepare.json`` (what was used: archives and their
@@ -52,7 +53,9 @@ from .download import (ArchiveSpec, download, extract, extraction_marker, find_a
 from .listing import list_samples, read_split_file
 from ..atomic import atomic_path
 
-TARGETS = ("voc", "context", "coco_stuff", "coco_object", "cityscapes", "ade20k")
+TARGETS = ("voc", "context", "coco_stuff", "coco_object", "cityscapes", "ade20k")  # `all`: the trees of --dataset all
+# Named only: the ReCo benchmarks, prepared from the archives of coco_stuff and cityscapes.
+EXTRA_TARGETS = ("coco_stuff27", "cityscapes27")
 _ALIASES = {"voc20": "voc", "context59": "context"}
 REPORT_NAME = "ovseg_prepare.json"
 REPORT_SCHEMA = "ovseg-bench/prepare-report/1"
@@ -214,11 +217,11 @@ def resolve_targets(names: Sequence[str]) -> list[str]:
         for name in filter(None, item.split(",")):
             if name == "all":
                 chosen.extend(TARGETS)
-            elif _ALIASES.get(name, name) in TARGETS:
+            elif _ALIASES.get(name, name) in (*TARGETS, *EXTRA_TARGETS):
                 chosen.append(_ALIASES.get(name, name))
             else:
-                raise ConfigError(unknown_name_message("prepare target", name,
-                                                       [*TARGETS, *LOCAL_TARGETS, *LOCAL_GROUPS, "all"]))
+                raise ConfigError(unknown_name_message("prepare target", name, [*TARGETS, *EXTRA_TARGETS,
+                                                                                *LOCAL_TARGETS, *LOCAL_GROUPS, "all"]))
     return list(dict.fromkeys(chosen))
 
 
@@ -679,6 +682,77 @@ def _cityscapes_summary(results: list[Result]) -> tuple[dict[str, Any], list[str
     return summary, warnings
 
 
+# --------------------------------------------------------------------------- Cityscapes-27 (label ids)
+# ReCo reads the label-id PNGs that ship with gtFine. They are never rewritten; only where a stem has
+# polygons and no label-id PNG are label ids rendered (json2labelImg, encoding 'ids'). Which files were
+# rendered is recorded, so reruns count them as rendered, re-render them when the polygons change and
+# leave them out of the inputs' fingerprint (they are outputs).
+
+CITYSCAPES27 = "cityscapes27"
+
+
+def _rendered_label_ids(root: Path) -> set[str]:
+    """Label-id PNGs (relative to the dataset root) an earlier prepare rendered from polygons."""
+    conversion = read_report(root).get(CITYSCAPES27, {}).get("conversion", {})
+    rendered = conversion.get("rendered_from_polygons", []) if isinstance(conversion, dict) else []
+    return {str(p) for p in rendered} if isinstance(rendered, list) else set()
+
+
+def _cityscapes27_inputs(root: Path) -> list[Path]:
+    """The polygon files and the shipped label-id PNGs (not those rendered by an earlier prepare)."""
+    rendered = _rendered_label_ids(root)
+    return [p for p in _cityscapes_inputs(root) if p.relative_to(root).as_posix() not in rendered]
+
+
+def _cityscapes27_outputs(root: Path) -> list[Path]:
+    folder = root / "gtFine" / "val"
+    return sorted(folder.rglob(f"*{CITYSCAPES_LABEL_IDS}")) if folder.is_dir() else []
+
+
+def _cityscapes27_tasks(root: Path, inputs: list[Path]) -> tuple[list[Task], dict[str, Any]]:
+    """Per stem: keep its label-id PNG if shipped; else render one from its polygons."""
+    rendered = _rendered_label_ids(root)
+    polygons = {str(p)[: -len(CITYSCAPES_POLYGONS)]: p for p in inputs if p.name.endswith(CITYSCAPES_POLYGONS)}
+    stems = sorted({*polygons, *(str(p)[: -len(CITYSCAPES_LABEL_IDS)] for p in _cityscapes27_outputs(root))})
+    tasks: list[Task] = []
+    for stem in stems:
+        out = Path(stem + CITYSCAPES_LABEL_IDS)
+        rel = out.relative_to(root).as_posix()
+        if stem in polygons and (rel in rendered or not out.is_file()):
+            tasks.append(("polygons", str(polygons[stem]), str(out), rel))
+        else:  # shipped (or rendered before from polygons that are gone): left as it is
+            tasks.append(("keep", "", str(out), rel if rel in rendered else None))
+    return tasks, {"rule": "label ids as shipped in *_gtFine_labelIds.png; where absent, rendered from "
+                           "*_gtFine_polygons.json as cityscapesscripts' json2labelImg does with encoding 'ids'"}
+
+
+def _cityscapes27_worker(task: Task) -> Result:
+    kind, source, out, rel = task
+    if kind == "keep":
+        return "kept", {"source": "polygons" if rel else "label_ids", "rendered": rel}
+    try:
+        annotation = json.loads(Path(source).read_text(encoding="utf-8"))
+        label = converters.cityscapes_label_ids_from_polygons(annotation)
+    except (OSError, ValueError, DataError) as exc:
+        raise DataError(f"{source}: {exc}") from None
+    return write_label(Path(out), label), {"source": "polygons", "rendered": rel}
+
+
+def _cityscapes27_summary(results: list[Result]) -> tuple[dict[str, Any], list[str]]:
+    used = Counter(facts["source"] for _, facts in results)
+    rendered = sorted(facts["rendered"] for _, facts in results if facts["rendered"])
+    summary = {"gt_source": {"label_ids": used["label_ids"], "polygons": used["polygons"]},
+               "gt_source_note": "label ids as shipped in *_gtFine_labelIds.png (never rewritten); where only "
+                                 "*_gtFine_polygons.json existed, rendered from it (listed in rendered_from_polygons)",
+               "rendered_from_polygons": rendered}
+    warnings = []
+    if rendered:
+        warnings.append(f"{len(rendered)} of {len(results)} Cityscapes label-id files were rendered from "
+                        "_gtFine_polygons.json (no shipped _gtFine_labelIds.png); the shipped files ReCo reads differ "
+                        "from such renderings along some object edges (cityscapesScripts#29)")
+    return summary, warnings
+
+
 # --------------------------------------------------------------------------- GT checksums and the report
 
 def _record_gt_checksums(card_name: str, data_root: Path) -> None:
@@ -713,18 +787,24 @@ def write_report(root: Path, target: str, section: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- the plans
 
+_COCO_STUFF_CONVERSION = Conversion(
+    _coco_inputs, _coco_outputs_for("_labelTrainIds.png"), _coco_tasks_for("stuff", "_labelTrainIds.png"),
+    _coco_worker, _coco_summary)
+
 PLANS: dict[str, Plan] = {
     "voc": Plan("voc", ("voc", "voc20"), "voc", moves=(("VOC2012", "VOCdevkit/VOC2012"),)),
     "context": Plan("context", ("context", "context59"), "context", Conversion(
         _context_inputs, _context_outputs, _context_tasks, _context_worker, _no_summary, _context_complete),
         moves=(("VOC2010", "VOCdevkit/VOC2010"),), raw_archives=(CONTEXT_JSON,)),
-    "coco_stuff": Plan("coco_stuff", ("coco_stuff",), "coco_stuff", Conversion(
-        _coco_inputs, _coco_outputs_for("_labelTrainIds.png"), _coco_tasks_for("stuff", "_labelTrainIds.png"),
-        _coco_worker, _coco_summary)),
+    "coco_stuff": Plan("coco_stuff", ("coco_stuff",), "coco_stuff", _COCO_STUFF_CONVERSION),
     "coco_object": Plan("coco_object", ("coco_object",), "coco_stuff", Conversion(
         _coco_inputs, _coco_outputs_for("_instanceTrainIds.png"), _coco_tasks_for("object", "_instanceTrainIds.png"),
         _coco_worker, _coco_summary)),
     "cityscapes": Plan("cityscapes", ("cityscapes",), "cityscapes", Conversion(
         _cityscapes_inputs, _cityscapes_outputs, _cityscapes_tasks, _cityscapes_worker, _cityscapes_summary)),
     "ade20k": Plan("ade20k", ("ade20k",), "ade20k", moves=(("ADEChallengeData2016", "ade/ADEChallengeData2016"),)),
+    # The ReCo benchmarks: coco_stuff's train ids (the card maps them to 27 classes), Cityscapes' label ids.
+    "coco_stuff27": Plan("coco_stuff27", ("coco_stuff27",), "coco_stuff", _COCO_STUFF_CONVERSION),
+    CITYSCAPES27: Plan(CITYSCAPES27, (CITYSCAPES27,), "cityscapes", Conversion(
+        _cityscapes27_inputs, _cityscapes27_outputs, _cityscapes27_tasks, _cityscapes27_worker, _cityscapes27_summary)),
 }

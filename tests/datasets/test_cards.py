@@ -80,6 +80,7 @@ def test_sclip_lines_split_synonyms_and_keep_spaces() -> None:
 
 
 def test_every_class_name_file_is_used_by_a_card() -> None:
-    used = {rel for n in card_names() for rel in getattr(load_card(n), "classnames", {}).values()}
+    used = {rel for n in card_names() for table in ("classnames", "predicted_classnames")
+            for rel in getattr(load_card(n), table, {}).values()}
     shipped = {p.relative_to(cards_dir()).as_posix() for p in (cards_dir() / "classnames").rglob("*.txt")}
     assert used == shipped
