@@ -339,7 +339,7 @@ def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation,
         "method": {"name": request.method, "variant": method.variant, "config": config,
                    "config_sha256": config_digest(config), "weights": _plain(method.weights())},
         "dataset": {"name": card.name, "title": card.title, "split": card.split, "track": card.track,
-                    "card_version": card.card_version, **track.dataset_fields(card, settings),
+                    "card_version": card.card_version, **track.dataset_fields(card, settings, Path(request.data_root)),
                     "data_root": "(embedded)" if getattr(card, "embedded", False)
                     else str(Path(request.data_root).resolve())},
         "protocol": {"preset": job.preset.name, "requested": request.protocol, "fingerprint": job.fingerprint(card),
@@ -357,3 +357,19 @@ def _result(job: _Job, card: DatasetCard, settings: Any, evaluation: Evaluation,
                    "batch_size": engine.batch_size, "workers": engine.workers,
                    "world_size": job.ranks.world_size, "save_every": engine.save_every},
     }
+
+
+def reference_classes(*, classes_file: Path | None = None, datasets: str | None = None,
+                      scheme: str = "mmseg") -> tuple[list[str], str]:
+    """The class names to build references for (``reco build-references``) and where they came
+    from: a file of one name per line, or every name (synonyms included) that the datasets'
+    methods predict under the naming ``scheme``, in dataset order without repeats."""
+    if classes_file is not None:
+        from .methods.reco_references import read_class_file
+
+        return read_class_file(classes_file), f"file {Path(classes_file).resolve()}"
+    cards = [load_card(name) for name in expand_datasets([datasets or ""])]
+    if not cards:
+        raise ConfigError("--dataset names no dataset; pass dataset names (`ovseg-bench list datasets`) or `all`")
+    names = [name for card in cards for synonyms in card.prediction_synonyms(scheme) for name in synonyms]
+    return list(dict.fromkeys(names)), f"datasets {', '.join(card.name for card in cards)} ({scheme} names)"

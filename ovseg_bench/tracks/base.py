@@ -71,7 +71,7 @@ class Track(abc.ABC):
         """The id a listed item is recorded, resumed and reported by (an image id by default)."""
         return item.image_id
 
-    def dataset_fields(self, card: Any, settings: Any) -> dict[str, Any]:
+    def dataset_fields(self, card: Any, settings: Any, data_root: Path) -> dict[str, Any]:
         """What the result's ``dataset`` block records of the card beyond its name and split:
         the classes (and the naming scheme used) for the tracks that have them."""
         return {"num_classes": card.num_classes, "classes": list(card.class_names()),

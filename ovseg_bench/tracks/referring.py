@@ -126,7 +126,7 @@ class ReferringTrack(Track):
     def item_id(self, item: Any) -> str:
         return item.sample_id  # <ref_id>_<sent_id>: one item per sentence, several per image
 
-    def dataset_fields(self, card: ReferringCard, settings: Any) -> dict[str, Any]:
+    def dataset_fields(self, card: ReferringCard, settings: Any, data_root: Path) -> dict[str, Any]:
         return {"dataset": card.dataset, "split_by": card.split_by, "gt_rule": card.gt_rule,
                 "num_images": card.num_images}
 

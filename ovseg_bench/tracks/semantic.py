@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets.cards import DatasetCard
-from ..datasets.listing import first_missing, list_samples
+from ..datasets.listing import first_missing, list_samples, split_file_used, split_path
 from ..datasets.loader import Sample, SplitDataset
 from ..engine.metrics import IoUCounts
 from ..engine.protocol import DatasetSettings
@@ -34,8 +34,22 @@ from .base import Track
 
 
 def dataset_info(card: Any) -> DatasetInfo:
-    """What an adapter may know of a card with classes (semantic and label-conditioned)."""
+    """What an adapter may know of a card with classes (semantic and label-conditioned): the
+    classes it predicts, which for a few cards are finer than the scored ones (coco_stuff27
+    predicts COCO-Stuff's 171 and scores ReCo's 27)."""
+    names = card.prediction_names() if isinstance(card, DatasetCard) else card.class_names()
+    return DatasetInfo(card.name, names, card.background_class)
+
+
+def scored_info(card: Any) -> DatasetInfo:
+    """The scored classes, for label maps that are already in them (``predictions``)."""
     return DatasetInfo(card.name, card.class_names(), card.background_class)
+
+
+def prediction_lut(card: Any, device: torch.device) -> torch.Tensor | None:
+    """Predicted class -> scored class, applied after ``postprocess`` (and so after any CRF), or None."""
+    table = card.prediction_map() if isinstance(card, DatasetCard) else None
+    return None if table is None else torch.as_tensor(table, dtype=torch.long, device=device)
 
 
 @dataclass
@@ -60,7 +74,8 @@ class WindowScorer(Scorer):
         super().__init__(counts, options, on_item=on_item)
         self.method, self.settings, self.device = method, settings, device
         self.info = info or dataset_info(card)
-        self.vocab = method.encode_classes(classes or card.class_synonyms(settings.classnames), self.info)
+        self.vocab = method.encode_classes(classes or card.prediction_synonyms(settings.classnames), self.info)
+        self.to_scored = prediction_lut(card, device)
         self.autocast = autocast_context(device, options.precision)
         self.inflight: deque[_InFlight] = deque()
         self.queues: dict[tuple[int, int], deque[tuple[_InFlight, Window]]] = {}
@@ -114,6 +129,8 @@ class WindowScorer(Scorer):
             scores = F.interpolate(state.canvas.average()[None], size=gt_shape, mode="bilinear",
                                    align_corners=False)[0]
             labels = self.method.postprocess(scores, state.image, self.vocab, self.info)
+            if self.to_scored is not None:
+                labels = self.to_scored[labels]
             self.score(state.sample, labels, state.sample.gt)
 
 
@@ -125,7 +142,7 @@ class LabelScorer(Scorer):
     def __init__(self, method: LabelMethod, card: Any, settings: DatasetSettings, counts: IoUCounts,
                  options: EngineOptions, device: torch.device, *, on_item: ImageHook | None = None):
         super().__init__(counts, options, on_item=on_item)
-        self.method, self.device, self.info = method, device, dataset_info(card)
+        self.method, self.device, self.info = method, device, scored_info(card)
 
     def push(self, sample: Sample) -> None:
         if sample.error is not None:
@@ -149,7 +166,7 @@ class SemanticTrack(Track):
         samples = list_samples(card, data_root)
         if not samples:
             root = card.root_in(data_root)
-            where = (f"split file {root / card.split_file} lists no images" if card.split_file
+            where = (f"split file {split_path(card, data_root)} lists no images" if card.split_file
                      else f"no file ending in '{card.img_suffix}' under {root / card.img_dir}")
             raise DataError(f"{card.name}: {where}; check the layout with `ovseg-bench data check {card.name}`")
         return samples
@@ -164,6 +181,17 @@ class SemanticTrack(Track):
 
     def reader(self, card: DatasetCard, items: list[Any], settings: DatasetSettings, data_root: Path) -> SplitDataset:
         return SplitDataset(card, items, settings)
+
+    def dataset_fields(self, card: DatasetCard, settings: Any, data_root: Path) -> dict[str, Any]:
+        """The classes, the predicted ones where they differ, and the split file read (path and sha256)."""
+        fields = super().dataset_fields(card, settings, data_root)
+        if card.predicted_classnames:
+            fields["predicted_classes"] = list(card.prediction_names())
+            fields["predicted_to_class"] = card.prediction_map().tolist()
+        used = split_file_used(card, data_root)
+        if used is not None:
+            fields["split_file"] = {"path": str(used[0]), "sha256": used[1]}
+        return fields
 
     def result_blocks(self, card: DatasetCard, evaluation: Evaluation, settings: Any) -> dict[str, Any]:
         from ..stats import metrics_block
