@@ -32,7 +32,39 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("what", choices=("methods", "datasets", "protocols"))
     _add_results_commands(sub)
     _add_data(sub)
+    _add_reco(sub)
     return parser
+
+
+def _add_reco(sub: Any) -> None:
+    reco = sub.add_parser("reco", help="ReCo tools: build reference embeddings from an image archive")
+    reco_sub = reco.add_subparsers(dest="reco_command", required=True)
+    build = reco_sub.add_parser(
+        "build-references", help="retrieve and co-segment: one reference embedding per class (ReCo, NeurIPS 2022)",
+        epilog="example:\n  ovseg-bench reco build-references --archive imagenet/train --dataset coco_stuff27 "
+               "--out refs/coco_stuff27.pkl", formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("--archive", type=Path, required=True,
+                       help="folder of archive images, searched recursively (ReCo: ImageNet-1k train)")
+    names = build.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", type=Path, help="class-name file, one name per line")
+    names.add_argument("--dataset", help="dataset name(s), comma-separated or `all`: the classes their methods predict")
+    build.add_argument("--out", type=Path, required=True,
+                       help="reference file to write (ReCo's pickle format; its record goes to OUT.json)")
+    build.add_argument("--archive-embeddings", type=Path, default=None,
+                       help="ReCo's published filename_to_ViT_L_14_336px_train_img_embedding.pkl instead of computing")
+    build.add_argument("--retrieval-model", default=None,
+                       help="open_clip model name or config JSON for retrieval (default: the config's, ViT-L-14-336)")
+    build.add_argument("--retrieval-pretrained", default=None,
+                       help="open_clip tag or weights file for retrieval (default: the config's, openai)")
+    build.add_argument("--k", type=int, default=None, help="images retrieved per class (default: the config's, 50)")
+    _add_weights_options(build)
+    build.add_argument("--config", type=Path, default=None,
+                       help="reco config YAML, e.g. a variant with `seed_slicing: fixed` (default: configs/methods/reco.yaml)")
+    build.add_argument("--cache", type=Path, default=None,
+                       help="archive-embedding cache file, resumed when it exists (default: under ~/.cache/ovseg_bench/reco)")
+    build.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    build.add_argument("--batch-size", type=int, default=32, help="archive images per batch when embedding (default: 32)")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_data(sub: Any) -> None:
@@ -47,7 +79,7 @@ def _add_data(sub: Any) -> None:
     prepare = data_sub.add_parser("prepare", help="download, extract and convert a benchmark into the MMSegmentation layout")
     prepare.add_argument("names", nargs="+",
                          help="voc | context | coco_stuff | coco_object | cityscapes | ade20k | all (downloads); "
-                              "refcoco | refcoco+ | refcocog | referring | coco2014 (converted in place)")
+                              "refcoco | refcoco+ | refcocog | referring | coco2014 (converted in place); coco_stuff27 | cityscapes27")
     prepare.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
     prepare.add_argument("--download-dir", type=Path, default=None, help="where archives are kept (default: DATA_ROOT/downloads)")
     prepare.add_argument("--from-archive", type=Path, action="append", default=[],
@@ -178,7 +210,23 @@ SKIPPED_SHOWN = 5  # skipped image ids printed on the console; the result file l
 def _delegate(args: argparse.Namespace) -> int:
     key = args.data_command if args.command == "data" else args.command
     return {"leaderboard": _leaderboard, "compare": _compare, "regress": _regress, "predict": _predict,
-            "prepare": _prepare}[key](args)
+            "prepare": _prepare, "reco": _reco_build}[key](args)
+
+
+def _reco_build(args: argparse.Namespace) -> int:
+    from .methods.base import WeightsOptions
+    from .methods.reco import BuildRequest, build_reference_file
+    from .plan import reference_classes
+
+    classes, source = reference_classes(classes_file=args.classes, datasets=args.dataset)
+    request = BuildRequest(
+        archive=args.archive, out=args.out, classes=tuple(classes), class_source=source,
+        weights=WeightsOptions(args.model, args.pretrained, args.checkpoint),
+        retrieval_model=args.retrieval_model, retrieval_pretrained=args.retrieval_pretrained,
+        archive_embeddings=args.archive_embeddings, k=args.k, config=args.config, cache=args.cache,
+        device=args.device, batch_size=args.batch_size, quiet=args.quiet)
+    build_reference_file(request, log=lambda line: print(line, file=sys.stderr))
+    return 0
 
 
 def _leaderboard(args: argparse.Namespace) -> int:

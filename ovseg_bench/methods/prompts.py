@@ -43,10 +43,10 @@ def encode_names(model: Any, tokenizer: Any, names: list[str], templates: tuple[
     rows = []
     for name in names:
         tokens = tokenizer([template.format(name) for template in templates]).to(device)
-        feats = model.encode_text(tokens).float()
+        feats = model.encode_text(tokens)  # averaged in the tower's dtype, as the references do (fp16 for ReCo's retrieval)
         if average == "normalised":
             feats = F.normalize(feats, dim=-1)
-        rows.append(F.normalize(feats.mean(dim=0), dim=-1))
+        rows.append(F.normalize(feats.mean(dim=0), dim=-1).float())
     return torch.stack(rows)
 
 

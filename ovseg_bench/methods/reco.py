@@ -7,27 +7,27 @@ Inference, as ReCo's ``ReCo.__call__`` (networks/reco.py:304-346) computes it, p
   as stored (already normalised), upsampled bilinearly (align_corners=False) to the window;
 - L = sigmoid(10 * cos(DenseCLIP map, the 85-template text embedding of each class)), upsampled
   the same way (``_get_text_attention``, 100-125); the sigmoid comes before the upsampling;
-- the score is D * L; labels are its argmax (ties: the first class).
+- the score is D * L; labels are its argmax (ties: the first class), or with ``crf: true`` (the
+  published ``reco`` row) the argmax of the dense CRF's marginals (eval.py:133; methods/crf.py).
 
 Both image networks see the same tensor: ``x / 255`` then the unit-scale ImageNet statistics
-(datasets/coco_stuff.py:100-129). The references come from ``--references FILE``, a pickle of
-{class name: embedding} (ReCo's published files), read with the allow-list unpickler; the
-names are matched to the dataset's classes, through ``reference_names`` in the config where a
-file spells a class differently, and an unmatched class fails with the list.
-
-Not here yet: building references from an archive (``reco build-references``) and the dense CRF
-of the published ``reco`` row; this module registers ``reco_nocrf``.
+(datasets/coco_stuff.py:100-129). The references come from ``--references FILE``: a published
+pickle of {class name: embedding} or a file written by ``ovseg-bench reco build-references``
+(:func:`build_reference_file`), read with the allow-list unpickler; the names are matched to the
+dataset's classes, through ``reference_names`` in the config where a file spells a class
+differently, and an unmatched class fails with the list.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..atomic import check_writable
 from ..errors import ConfigError, DataError
 from ..imaging import NORMALISATIONS
 from ..resources import configs_dir
@@ -35,12 +35,13 @@ from ..safe_pickle import safe_load_tensors
 from ..yamlconf import load_dataclass
 from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
                    register_config_variants, synonym_queries)
+from .checkpoints import fetch_checkpoint
 from .clip_family import synonym_max
 from .clip_model import load_clip
 from .prompts import ClipTextEncoder
 from .reco_backbones import DEIT_S_SIN_URL, build_deit_for, deit_dense_features, denseclip_features, \
     prepare_denseclip
-from .checkpoints import fetch_checkpoint
+from . import reco_references as refs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,32 @@ class RecoConfig:
     text_temperature: float = 10.0       # networks/reco.py:105
     fp16_convs: bool = True              # ReCo's DenseCLIP conversion rounds convs to fp16 (reco_backbones)
     deit_url: str = DEIT_S_SIN_URL
+    crf: bool = False                    # the dense CRF on D * L (eval.py:133), the published `reco` row
     reference_names: dict[str, str] = dataclasses.field(default_factory=dict)  # card name -> file name
+    # Building references (`reco build-references`); recorded in the reference file's record.
+    retrieval_model: str = "ViT-L-14-336"   # ReCo's ViT-L/14@336px (configs/reco_*.yaml clip_arch)
+    retrieval_pretrained: str = "openai"
+    retrieval_text_fp16: bool = True        # ReCo's retrieval CLIP is fp16 on every device (reco_references)
+    k: int = 50                             # n_imgs
+    seed_slicing: str = "reco"              # reco (ReCo's quirk, as the published files) | fixed
+    context_elimination: bool = True
+    text_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.normalisation not in NORMALISATIONS:
             raise ConfigError(f"method '{self.name}': normalisation '{self.normalisation}' is not one of "
                               f"{sorted(NORMALISATIONS)}")
+        self.reference_settings()  # validates seed_slicing and k, naming the field
+
+    def reference_settings(self, k: int | None = None) -> refs.ReferenceSettings:
+        return refs.ReferenceSettings(k=self.k if k is None else k, seed_slicing=self.seed_slicing,
+                                      text_attention=self.text_attention,
+                                      context_elimination=self.context_elimination,
+                                      text_temperature=self.text_temperature)
+
+
+BUILD_ONLY = ("retrieval_model", "retrieval_pretrained", "retrieval_text_fp16", "k", "seed_slicing",
+              "context_elimination", "text_attention")
 
 
 def load_reco_config(name: str, path: Path | None = None) -> RecoConfig:
@@ -88,6 +109,37 @@ def load_references(path: Path) -> dict[str, Tensor]:
     return {str(name): value.float() for name, value in found.items()}
 
 
+@dataclasses.dataclass
+class RecoNetworks:
+    """DeiT-S/16-SIN, DenseCLIP and its text tower, loaded as both inference and reference building need."""
+
+    deit: torch.nn.Module
+    visual: torch.nn.Module
+    text: ClipTextEncoder
+    record: dict[str, Any]
+
+    def deit_features(self, images: Tensor) -> Tensor:
+        return deit_dense_features(self.deit, images)
+
+    def clip_features(self, images: Tensor) -> Tensor:
+        return denseclip_features(self.visual, images)
+
+
+def load_networks(config: RecoConfig, weights: WeightsOptions, device: torch.device) -> RecoNetworks:
+    """The DeiT file (``--checkpoint`` or the published URL, trust on first use), loaded strictly,
+    and DenseCLIP's CLIP (``--model``/``--pretrained`` or the config's)."""
+    checkpoint = weights.checkpoint
+    deit_record = {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint else config.deit_url}
+    if checkpoint is None:
+        checkpoint, _ = fetch_checkpoint(config.deit_url, what="DeiT-S/16-SIN checkpoint")
+    deit = build_deit_for(Path(checkpoint)).to(device)
+    clip = load_clip(weights.model or config.model, weights.pretrained or config.pretrained, device)
+    visual = prepare_denseclip(clip.model.visual, fp16_convs=config.fp16_convs)
+    text = ClipTextEncoder(clip.model, clip.tokenizer, clip.record, templates=config.templates,
+                           average=config.template_average, device=device)
+    return RecoNetworks(deit, visual, text, {**clip.record, **deit_record})
+
+
 class Reco(DenseFeatureMethod):
     """Shared adapter; the registered names below bind it to their config files."""
 
@@ -98,30 +150,29 @@ class Reco(DenseFeatureMethod):
         inputs = inputs or MethodInputs()
         if inputs.references is None:
             raise ConfigError(f"method '{config.name}' needs --references FILE (ReCo's reference embeddings: a "
-                              "published pickle of {class: embedding})")
+                              "published pickle of {class: embedding}, or one written by "
+                              "`ovseg-bench reco build-references`)")
         self.config, self.device = config, device
         self.normalisation = NORMALISATIONS[config.normalisation]
-        checkpoint = weights.checkpoint
-        self._deit_record = {"checkpoint": str(Path(checkpoint).resolve()) if checkpoint else config.deit_url}
-        if checkpoint is None:
-            checkpoint, _ = fetch_checkpoint(config.deit_url, what="DeiT-S/16-SIN checkpoint")
-        self.deit = build_deit_for(Path(checkpoint)).to(device)
-        clip = load_clip(weights.model or config.model, weights.pretrained or config.pretrained, device)
-        self.visual = prepare_denseclip(clip.model.visual, fp16_convs=config.fp16_convs)
-        self._weights = {**clip.record, **self._deit_record}
-        self.text = ClipTextEncoder(clip.model, clip.tokenizer, clip.record, templates=config.templates,
-                                    average=config.template_average, device=device)
         self.references_path = Path(inputs.references)
         self.references = load_references(self.references_path)
+        self.references_record = refs.read_record(self.references_path)
+        if config.crf:
+            from .crf import require_crf
+
+            require_crf()  # the missing extra fails before any weights load
+        networks = load_networks(config, weights, device)
+        self.deit, self.visual, self.text, self._weights = networks.deit, networks.visual, networks.text, networks.record
 
     def weights(self) -> dict[str, Any]:
         return dict(self._weights)
 
     def settings(self, dataset: str) -> dict[str, Any]:
         cfg = dataclasses.asdict(self.config)
-        for key in ("model", "pretrained", "variant_of", "native_protocol", "deit_url"):
+        for key in ("model", "pretrained", "variant_of", "native_protocol", "deit_url", *BUILD_ONLY):
             cfg.pop(key)
         cfg["references"] = str(self.references_path.resolve())
+        cfg["references_built"] = _built_summary(self.references_record)
         return cfg
 
     def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> RecoVocabulary:
@@ -157,8 +208,124 @@ class Reco(DenseFeatureMethod):
         return d * attention
 
     def postprocess(self, scores: Tensor, image: Tensor, vocab: Vocabulary, info: DatasetInfo) -> Tensor:
-        """Argmax of the fused scores (max over a class's synonyms first); no background rule."""
-        return synonym_max(scores.float(), vocab).argmax(dim=0)
+        """Argmax of the fused scores (max over a class's synonyms first), through the dense CRF
+        when the config asks; no background rule."""
+        scores = synonym_max(scores.float(), vocab)
+        if not self.config.crf:
+            return scores.argmax(dim=0)
+        from .crf import crf_labels
+
+        if tuple(image.shape[-2:]) != tuple(scores.shape[-2:]):
+            # Under ReCo's own protocol the two sizes agree; elsewhere the scores are at the GT
+            # size, so the CRF sees the input resized (bilinear) to it.
+            image = F.interpolate(image[None], size=scores.shape[-2:], mode="bilinear", align_corners=False)[0]
+        return crf_labels(scores, image, mean=self.normalisation.mean, std=self.normalisation.std)
 
 
-register_config_variants(Reco, ("reco_nocrf",), load_reco_config)
+def _built_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a run's result keeps of a built reference file's record (None: a published pickle)."""
+    if record is None:
+        return None
+    return {key: record.get(key) for key in ("settings", "archive", "models", "references_sha256")}
+
+
+register_config_variants(Reco, ("reco", "reco_nocrf"), load_reco_config)
+
+
+# ----------------------------------------------------------------------------- reco build-references
+@dataclasses.dataclass(frozen=True)
+class BuildRequest:
+    """``ovseg-bench reco build-references``: what to build, from which archive, with which networks."""
+
+    archive: Path
+    out: Path
+    classes: tuple[str, ...]
+    class_source: str                       # "file <path>" or "datasets <names>", for the record
+    weights: WeightsOptions                 # DeiT (--checkpoint) and DenseCLIP (--model/--pretrained)
+    retrieval_model: str | None = None
+    retrieval_pretrained: str | None = None
+    archive_embeddings: Path | None = None  # ReCo's published embedding pickle instead of computing
+    k: int | None = None
+    config: Path | None = None              # a reco config variant (e.g. seed_slicing: fixed)
+    cache: Path | None = None
+    device: str = "auto"
+    batch_size: int = 32
+    quiet: bool = False
+
+
+def build_reference_file(request: BuildRequest, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the references of ``request.classes`` and write them with their record; returns the record."""
+    from ..engine.runner import resolve_device
+
+    check_writable(request.out, option="--out")
+    config = load_reco_config("reco", request.config)
+    settings = config.reference_settings(request.k)
+    device = resolve_device(request.device)
+    files = refs.scan_archive(request.archive)
+    digest = refs.archive_digest(Path(request.archive), files)
+    log(f"archive: {len(files)} images under {request.archive} (digest {digest[:12]})")
+    networks = load_networks(config, request.weights, device)
+    retrieval = load_clip(request.retrieval_model or config.retrieval_model,
+                          request.retrieval_pretrained or config.retrieval_pretrained, device)
+    names, embeddings, source = _archive_embeddings(request, retrieval, files, device)
+    query = _retrieval_text(config, retrieval, device)
+    retrieved: dict[str, list[str]] = {}
+
+    def retrieve(name: str) -> Tensor:
+        top = refs.rank_archive(query.encode([name])[0].cpu(), embeddings, settings.k)
+        retrieved[name] = [names[i] for i in top]
+        return refs.archive_crops([files[names[i]] for i in top], settings.crop_size).to(device)
+
+    coseg = refs.Cosegmenter(networks.deit_features, networks.clip_features, settings)
+    with torch.inference_mode():
+        references = refs.build_references(list(request.classes), retrieve=retrieve,
+                                           text=lambda name: networks.text.encode([name])[0], coseg=coseg)
+    record = {"format": refs.RECORD_FORMAT, "version": refs.RECORD_VERSION, "classes": list(request.classes),
+              "class_source": request.class_source,
+              "settings": dataclasses.asdict(settings),
+              "archive": {"root": str(Path(request.archive).resolve()), "images": len(files), "digest": digest,
+                          "digest_rule": "sha256 over 'relative path<TAB>size' lines", "embeddings": source},
+              "models": {"co-segmentation": networks.record, "retrieval": {**retrieval.record,
+                                                                          "text_fp16": config.retrieval_text_fp16}},
+              "config": str(request.config.resolve()) if request.config else "configs/methods/reco.yaml",
+              "retrieved": retrieved}
+    refs.write_references(request.out, references, record)
+    log(f"{len(references)} references -> {request.out} (record: {refs.record_path(request.out)})")
+    return record
+
+
+def _archive_embeddings(request: BuildRequest, retrieval: Any, files: dict[str, Path],
+                        device: torch.device) -> tuple[list[str], Tensor, dict[str, Any]]:
+    """The archive's retrieval embeddings: ReCo's published pickle when given, else computed and cached."""
+    if request.archive_embeddings is not None:
+        names, embeddings = refs.load_archive_embeddings(request.archive_embeddings, files)
+        from ..atomic import sha256_file
+
+        return names, embeddings, {"file": str(Path(request.archive_embeddings).resolve()),
+                                   "sha256": sha256_file(request.archive_embeddings)}
+    size = retrieval.model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    identity = {"retrieval": retrieval.record, "size": size, "archive": str(Path(request.archive).resolve())}
+    cache = refs.EmbeddingCache(request.cache or _default_cache(identity), identity)
+    names, embeddings = refs.embed_archive(retrieval.model, files, cache, size=size, device=device,
+                                           batch_size=request.batch_size, quiet=request.quiet)
+    return names, embeddings, {"computed": True, "cache": str(cache.path), "input_size": size}
+
+
+def _default_cache(identity: dict[str, Any]) -> Path:
+    import hashlib
+    import json
+    import os
+
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovseg_bench" / "reco"
+    return base / f"archive-embeddings-{key}.pt"
+
+
+def _retrieval_text(config: RecoConfig, retrieval: Any, device: torch.device) -> ClipTextEncoder:
+    """The retrieval CLIP's 85-template text queries, fp16 as ReCo's (``retrieval_text_fp16``)."""
+    model, record = retrieval.model, dict(retrieval.record)
+    if config.retrieval_text_fp16:
+        model, record = refs.fp16_text_copy(model), {**record, "text_precision": "fp16"}
+    return ClipTextEncoder(model, retrieval.tokenizer, record, templates=config.templates,
+                           average=config.template_average, device=device)

@@ -239,7 +239,7 @@ def extra_args(method: str, paths: dict[str, Path], dataset: str) -> list[str]:
     tiny = ["--model", str(TINY_MODEL), "--pretrained", str(paths["weights"])]
     if method in ("tcl", "tcl_nopamr"):
         return tiny + ["--checkpoint", str(paths["checkpoint"])]
-    if method == "reco_nocrf":
+    if method in ("reco", "reco_nocrf"):
         return ["--model", str(TINY_RN), "--pretrained", str(paths["rn_weights"]), "--checkpoint", str(paths["deit"]),
                 "--references", str(paths[f"refs_{dataset}"])]
     if method == "predictions":

@@ -3,6 +3,8 @@ random networks in the published layouts, against an independent computation of 
 from __future__ import annotations
 
 import pickle
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,106 @@ def test_a_run_through_the_cli(files, synthetic_tree, tmp_path):
     result = json.loads(path.read_text())
     assert result["method"]["config"]["references"] == str(refs.resolve())
     assert result["method"]["weights"]["checkpoint"] == str(Path(files["deit"]).resolve())
+
+
+# ----------------------------------------------------------------------------- reco (with the CRF)
+def build_reco(files, refs: Path | None = None):
+    weights = WeightsOptions(model=TINY_RN, pretrained="none", checkpoint=files["deit"])
+    return get_method("reco")(weights, torch.device("cpu"), inputs=MethodInputs(references=refs or files["refs"]))
+
+
+def test_reco_labels_are_the_argmax_of_the_crf_on_the_fused_scores(files):
+    from ovseg_bench.methods.crf import dense_crf, unnormalised_bgr
+
+    method = build_reco(files)
+    vocab = method.encode_classes([["wall"], ["floor"], ["sky"]], ADE)
+    pixels = torch.randint(0, 256, (1, 3, 48, 40), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    image = method.normalisation.apply(pixels)
+    with torch.inference_mode():
+        scores = method.forward_windows(image, vocab)[0]
+        got = method.postprocess(scores, image[0], vocab, ADE)
+    # Independently: ReCo feeds log_softmax(D * L) to the CRF, which takes its softmax as the unary.
+    probs = torch.softmax(torch.log_softmax(scores, dim=0), dim=0).numpy()
+    bgr = unnormalised_bgr(image[0], mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    want = dense_crf(probs.astype(np.float32), bgr).argmax(axis=0)
+    assert np.array_equal(got.numpy(), want)
+    assert not torch.equal(got, scores.argmax(0))  # the CRF changed labels on this case: it ran
+
+
+def test_reco_without_the_crf_extra_fails_before_loading_weights(files, monkeypatch):
+    import sys
+
+    from ovseg_bench.methods import reco as reco_module
+
+    for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(reco_module, "load_networks", lambda *a, **k: pytest.fail("weights loaded first"))
+    with pytest.raises(ConfigError, match=r"'crf' extra"):
+        build_reco(files)
+
+
+def test_coco_stuff27_predicts_171_classes_and_scores_27_after_the_argmax(files, tmp_path):
+    """A native run on a held-out COCO-Stuff tree: the saved 320x320 labels equal ReCo's steps done
+    independently (PIL NEAREST resize of the short side to 320, round() centre crop, D * L,
+    argmax over the 171 fine classes, ReCo's 171 -> 27 table)."""
+    import json
+
+    from PIL import Image
+
+    from ovseg_bench.datasets.cards import load_card
+    from tests.synthetic import write_dataset
+
+    root = tmp_path / "data"
+    ids = write_dataset("coco_stuff", root, num_images=2, sizes=[(300, 420), (350, 330)], seed=3)
+    curated = root / "coco_stuff164k" / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse.txt"
+    curated.parent.mkdir(parents=True)
+    curated.write_text("".join(f"{i}\n" for i in ids))
+    card = load_card("coco_stuff27")
+    refs = write_references(tmp_path / "coco_refs.pkl", card.prediction_names())
+    argv = run_argv("reco_nocrf", "coco_stuff27", tmp_path / "out", "--checkpoint", files["deit"], "--references",
+                    refs, "--protocol", "native", "--save-predictions", data_root=root, tiny=False)
+    code, _, stderr = call_cli(argv + ["--model", TINY_RN, "--pretrained", "none"])
+    assert code == 0, stderr
+    (path,) = result_jsons(tmp_path / "out")
+    result = json.loads(path.read_text())
+    assert result["dataset"]["split_file"]["path"] == str(curated)
+    assert len(result["dataset"]["predicted_classes"]) == 171 and result["dataset"]["num_classes"] == 27
+
+    method = build(files, refs)
+    vocab = method.encode_classes([[n] for n in card.prediction_names()],
+                                  DatasetInfo("coco_stuff27", card.prediction_names(), False))
+    table = np.array(card.prediction_map())
+    for image_id in ids:
+        pil = Image.open(root / "coco_stuff164k" / "images" / "val2017" / f"{image_id}.jpg").convert("RGB")
+        w, h = pil.size
+        size = (320, int(320 * h / w)) if w < h else (int(320 * w / h), 320)
+        pil = pil.resize(size, Image.NEAREST)
+        left, top = int(round((size[0] - 320) / 2.0)), int(round((size[1] - 320) / 2.0))
+        x = torch.from_numpy(np.asarray(pil.crop((left, top, left + 320, top + 320))).copy()).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            fine = method.forward_windows(method.normalisation.apply(x), vocab)[0].argmax(0).numpy()
+        saved = np.array(Image.open(tmp_path / "out" / "predictions" / "reco_nocrf" / "coco_stuff27" / f"{image_id}.png"))
+        assert saved.shape == (320, 320) and np.array_equal(saved, table[fine])
+
+
+def test_references_built_by_the_command_drive_a_run(files, synthetic_tree, tmp_path):
+    import json
+
+    from tests.methods.test_reco_references import TINY_VIT, write_archive
+
+    root, _ = synthetic_tree
+    write_archive(tmp_path / "archive", count=5)
+    out = tmp_path / "voc_refs.pkl"
+    code, _, stderr = call_cli(["reco", "build-references", "--archive", tmp_path / "archive", "--dataset", "voc",
+                                "--out", out, "--checkpoint", files["deit"], "--model", TINY_RN, "--pretrained", "none",
+                                "--retrieval-model", TINY_VIT, "--retrieval-pretrained", "none", "--k", "2",
+                                "--device", "cpu", "--cache", tmp_path / "cache.pt", "--quiet"])
+    assert code == 0, stderr
+    argv = run_argv("reco_nocrf", "voc", tmp_path / "out", "--checkpoint", files["deit"], "--references", out,
+                    data_root=root, tiny=False) + ["--model", TINY_RN, "--pretrained", "none"]
+    code, _, stderr = call_cli(argv)
+    assert code == 0, stderr
+    (path,) = result_jsons(tmp_path / "out")
+    built = json.loads(path.read_text())["method"]["config"]["references_built"]
+    assert built["settings"]["seed_slicing"] == "reco" and built["settings"]["k"] == 2
+    assert built["archive"]["images"] == 5
