@@ -182,7 +182,8 @@ class Reco(DenseFeatureMethod):
                               len(classes), references=references)
 
     def _reference(self, name: str, info: DatasetInfo) -> Tensor:
-        key = self.config.reference_names.get(name, name)
+        # The card's own spelling first (files built here), then the published files' (reference_names).
+        key = name if name in self.references else self.config.reference_names.get(name, name)
         if key not in self.references:
             raise DataError(f"{self.references_path}: no reference for class '{name}' of '{info.name}' "
                             f"(looked up as '{key}'); the file has {sorted(self.references)}; map the name with "

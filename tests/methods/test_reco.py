@@ -230,3 +230,27 @@ def test_references_built_by_the_command_drive_a_run(files, synthetic_tree, tmp_
     built = json.loads(path.read_text())["method"]["config"]["references_built"]
     assert built["settings"]["seed_slicing"] == "reco" and built["settings"]["k"] == 2
     assert built["archive"]["images"] == 5
+
+
+def test_reco_runs_on_all_eight_benchmarks_under_the_tcl_preset(files, synthetic_tree, tmp_path):
+    from ovseg_bench.datasets.cards import ALL_BENCHMARKS, load_card
+
+    root, _ = synthetic_tree
+    names = dict.fromkeys(n for d in ALL_BENCHMARKS for n in load_card(d).class_names())
+    refs = write_references(tmp_path / "all.pkl", names)
+    argv = run_argv("reco", "all", tmp_path / "out", "--checkpoint", files["deit"], "--references", refs,
+                    "--protocol", "tcl", "--limit", "1", data_root=root, tiny=False) + ["--model", TINY_RN, "--pretrained", "none"]
+    code, stdout, stderr = call_cli(argv)
+    assert code == 0, stderr
+    assert len(result_jsons(tmp_path / "out")) == len(ALL_BENCHMARKS) and "Avg" in stdout
+
+
+def test_published_spellings_are_mapped_and_the_card_spelling_wins(files, tmp_path):
+    info = DatasetInfo("coco_stuff", ("sky-other", "tree"), False)
+    published = write_references(tmp_path / "published.pkl", ["sky other", "tree"])
+    vocab = build(files, published).encode_classes([["sky-other"], ["tree"]], info)
+    refs = pickle.loads(published.read_bytes())
+    assert torch.equal(vocab.references[0], refs["sky other"])
+    both = write_references(tmp_path / "both.pkl", ["sky other", "sky-other", "tree"], seed=4)
+    vocab = build(files, both).encode_classes([["sky-other"], ["tree"]], info)
+    assert torch.equal(vocab.references[0], pickle.loads(both.read_bytes())["sky-other"])
