@@ -254,3 +254,20 @@ def test_published_spellings_are_mapped_and_the_card_spelling_wins(files, tmp_pa
     both = write_references(tmp_path / "both.pkl", ["sky other", "sky-other", "tree"], seed=4)
     vocab = build(files, both).encode_classes([["sky-other"], ["tree"]], info)
     assert torch.equal(vocab.references[0], pickle.loads(both.read_bytes())["sky-other"])
+
+
+def test_a_published_pickle_of_cuda_tensors_loads_on_the_cpu(files, tmp_path):
+    """ReCo's released pickles hold CUDA tensors, which plain pickle.load cannot read on a CPU
+    machine; the allow-list unpickler maps them to the CPU."""
+    from unittest import mock
+
+    import torch.serialization
+
+    names = {"wall": F.normalize(torch.randn(64), dim=0), "floor": F.normalize(torch.randn(64), dim=0),
+             "sky": F.normalize(torch.randn(64), dim=0)}
+    with mock.patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
+        blob = pickle.dumps(names)
+    assert b"cuda:0" in blob
+    (tmp_path / "cuda.pkl").write_bytes(blob)
+    vocab = build(files, tmp_path / "cuda.pkl").encode_classes([["wall"], ["floor"], ["sky"]], ADE)
+    assert torch.equal(vocab.references[2], names["sky"]) and vocab.references.device.type == "cpu"
