@@ -5,7 +5,8 @@ Three outputs, none of which touches a metric:
 - ``ovseg-bench predict``: one image, a free vocabulary, a colour overlay with a legend
   (:func:`predict`, :func:`render_overlay`).
 - ``run --save-predictions``: ``OUTPUT/predictions/<method>/<dataset>/<image_id>.png``, 8-bit 'L'
-  PNGs of the labels at GT size, exactly what ``--method predictions`` reads back.
+  PNGs of the labels at GT size (referring: the chosen mask of each ``<ref_id>_<sent_id>``,
+  0/255), exactly what ``--method predictions`` reads back.
 - ``run --visualize N``: ``OUTPUT/visualize/<method>__<dataset>/<image_id, '/' -> '__'>.png``
   for the first N images of the split, with a legend of the card's classes found in the GT or
   the prediction (:func:`render_panel`).
@@ -180,7 +181,7 @@ class _PictureWriter:
     def __init__(self, output: Path, method: str, card: Any, samples: list[Any], *,
                  save_predictions: bool, visualize: int):
         self.method, self.dataset, self.samples = method, card.name, samples
-        self.names = card.class_names()
+        self.names = card.class_names() if hasattr(card, "class_names") else ()  # referring cards have none
         self.labels_dir = Path(output) / "predictions" / method / card.name if save_predictions else None
         self.panels_dir = Path(output) / "visualize" / f"{method}__{card.name}"
         self.visualize = visualize
@@ -212,8 +213,11 @@ def make_image_hook(output: Path, method: str, card: Any, samples: list[Any], *,
 
 
 def _as_uint8_labels(labels: Any) -> np.ndarray:
-    """[H,W] int64 tensor (any device) -> HxW uint8 array; labels are class indices < 255."""
+    """[H,W] int64 tensor (any device) -> HxW uint8 array; labels are class indices < 255. A bool
+    mask (the referring track) is written 0/255, which ``--method predictions`` reads back."""
     array = labels.cpu().numpy()
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
     if array.size and (array.min() < 0 or array.max() > IGNORE):
         raise ValueError(f"labels outside 0..255 ({array.min()}..{array.max()}) cannot be stored as 8-bit PNG")
     return array.astype(np.uint8)

@@ -142,10 +142,14 @@ def _refuse_mismatches(request: RunRequest, cards: list[Any], method_cls: type[M
     """Before any weights load: inputs the method does not take, pictures off the semantic
     track, and datasets of a track the method does not serve."""
     _refuse_undeclared_inputs(request.inputs, method_cls)
-    pictured = [card.name for card in cards if not get_track(card.track).label_pictures]
-    if (request.save_predictions or request.visualize) and pictured:
-        raise ConfigError(f"--save-predictions and --visualize write semantic label maps; {', '.join(pictured)} "
-                          "is not on the semantic track: run it without those options")
+    unpictured = [card.name for card in cards if not get_track(card.track).label_pictures]
+    if request.visualize and unpictured:
+        raise ConfigError(f"--visualize draws semantic label maps; {', '.join(unpictured)} is not on the semantic "
+                          "track: run it without that option")
+    unsaved = [card.name for card in cards if not get_track(card.track).saves_predictions]
+    if request.save_predictions and unsaved:
+        raise ConfigError(f"--save-predictions writes semantic labels or referring masks; {', '.join(unsaved)} is "
+                          "on another track: run it without that option")
     for card in cards:
         if card.track not in method_cls.tracks:
             raise TrackError(f"method '{request.method}' serves {method_cls.tracks}, "

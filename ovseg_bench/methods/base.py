@@ -68,6 +68,7 @@ class MethodInputs:
     predictions_out_of_range: str = "error"  # --predictions-out-of-range: or "ignore", mmseg's drop
     bg_threshold: float | None = None        # --bg-threshold: the fixed background threshold of saved CAMs
     references: Path | None = None           # --references: ReCo's reference embeddings
+    proposals: Path | None = None            # --proposals: mask proposals per image (GLCF)
 
     def given(self) -> list[str]:
         """Names of the inputs set to something other than their defaults."""
@@ -237,6 +238,14 @@ def config_variant(method: str, config: Any, shipped: Any) -> str | None:
 
 # ----------------------------------------------------------------------------- referring track
 
+@dataclasses.dataclass(frozen=True)
+class ReferringInfo:
+    """What a referring adapter may know of the split it answers."""
+
+    name: str       # the card (refcoco_val, ...)
+    dataset: str    # the refer dataset: refcoco, refcoco+ or refcocog
+
+
 class ReferringMethod(Method):
     """One binary mask per referring expression (the referring track; DESIGN.md sketch).
 
@@ -254,7 +263,7 @@ class ReferringMethod(Method):
         """The method's encoding of the expressions (text embeddings, noun phrases, ...)."""
 
     @abc.abstractmethod
-    def embed_image(self, image: np.ndarray, image_id: str) -> Any:
+    def embed_image(self, image: np.ndarray, image_id: str, info: ReferringInfo) -> Any:
         """[H,W,3] uint8 RGB at its own size -> the method's per-image state (proposals there)."""
 
     @abc.abstractmethod

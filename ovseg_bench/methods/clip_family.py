@@ -95,7 +95,10 @@ def load_method_config(name: str, path: Path | None = None) -> ClipFamilyConfig:
 
 
 class ClipFamily(DenseFeatureMethod):
-    """Shared adapter; the registered names below bind it to their config files."""
+    """Shared adapter; the registered names below bind it to their config files. On the
+    referring track it runs this harness's dense baseline (tracks/referring.py)."""
+
+    tracks = ("semantic", "referring")
 
     def __init__(self, config: ClipFamilyConfig, weights: WeightsOptions, device: torch.device,
                  inputs: MethodInputs | None = None):

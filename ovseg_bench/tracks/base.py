@@ -27,7 +27,8 @@ class Track(abc.ABC):
     default_protocol: ClassVar[str]  # the preset a plain ``run`` uses
     sidecar_layout: ClassVar[str]    # what the rows of the per-item sidecar hold
     console_columns: ClassVar[tuple[str, ...]]  # metrics printed beside mIoU after a run
-    label_pictures: ClassVar[bool] = False      # --save-predictions / --visualize draw its label maps
+    label_pictures: ClassVar[bool] = False      # --visualize draws its label maps
+    saves_predictions: ClassVar[bool] = False   # --save-predictions writes its answers as PNGs
     scorers: ClassVar[dict[type, type[Scorer]]]  # adapter base class -> the scorer that drives it
 
     @abc.abstractmethod

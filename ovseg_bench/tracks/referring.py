@@ -21,20 +21,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from ..datasets.refer import InstancesIndex, ReferringCard, ReferringDataset, ReferringSample, read_referring
 from ..engine.metrics import ReferringCounts
 from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer
 from ..errors import ConfigError, DataError
-from ..methods.base import Method, ReferringMethod, SavedMaskMethod
+from ..engine.runner import autocast_context
+from ..engine.sliding import Canvas, Window, image_windows
+from ..imaging import model_input
+from ..methods.base import (DatasetInfo, DenseFeatureMethod, Method, ReferringInfo, ReferringMethod, SavedMaskMethod,
+                            Vocabulary)
 from .base import Track
 
 UNANSWERED_RULES = ("skip", "empty")
 
 
 def referring_counts(card: Any, method: Method, device: torch.device) -> ReferringCounts:
-    return ReferringCounts(device=device)
+    """The method's IoU arithmetic: LAVT's float64 by default, GLCF's float32 for GLCF."""
+    return ReferringCounts(device=device, arithmetic=getattr(method, "iou_arithmetic", "float64"))
 
 
 class SavedMaskScorer(Scorer):
@@ -67,6 +75,7 @@ class ReferringScorer(Scorer):
             raise ConfigError(f"method '{method.name}': unanswered_rule '{method.unanswered_rule}' is not one "
                               f"of {UNANSWERED_RULES}")
         self.method, self.device = method, device
+        self.info = ReferringInfo(card.name, card.dataset)
         self.pending: list[ReferringSample] = []
 
     def push(self, sample: ReferringSample) -> None:
@@ -82,7 +91,7 @@ class ReferringScorer(Scorer):
         if not self.pending:
             return
         samples, self.pending = self.pending, []
-        state = self.method.embed_image(samples[0].image, str(samples[0].ref.image_id))
+        state = self.method.embed_image(samples[0].image, str(samples[0].ref.image_id), self.info)
         queries = self.method.encode_expressions([s.ref.text for s in samples])
         answers = self.method.masks(state, queries)
         if len(answers) != len(samples):
@@ -105,13 +114,76 @@ class ReferringScorer(Scorer):
         self.score(sample, mask.to(self.device), gt)
 
 
+class DenseReferringScorer(ReferringScorer):
+    """This harness's baseline for dense methods (the CLIP family), not a published protocol: per
+    expression, the method's windows scored against [background words, the expression] with the
+    method's own background rule, and the pixels labelled as the expression are the mask.
+
+    The background words are SCLIP's background line of its VOC list (wangf3014/SCLIP@b56bd30
+    configs/cls_voc21.txt, shipped as the ``sclip`` names of the voc card). Each image's windows
+    are embedded once and scored for every expression of the image.
+    """
+
+    def __init__(self, method: DenseFeatureMethod, card: ReferringCard, settings: Any, counts: ReferringCounts,
+                 options: EngineOptions, device: torch.device, *, on_item: ImageHook | None = None):
+        Scorer.__init__(self, counts, options, on_item=on_item)
+        self.method, self.device, self.settings = method, device, settings
+        self.info = DatasetInfo(card.name, ("background", "expression"), True)
+        self.background = method.encode_classes([background_words()], self.info)
+        self.pending = []
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        samples, self.pending = self.pending, []
+        image, windows, features = self._embed(samples[0].image)
+        expressions = self.method.encode_classes([[s.ref.text] for s in samples], self.info)
+        for index, sample in enumerate(samples):
+            vocab = self._pair_vocabulary(expressions, index)
+            canvas = Canvas(windows)
+            for window, feats in zip(windows, features):
+                canvas.add(window, self.method.score(feats, vocab, window.size)[0].float(), tuple(image.shape[-2:]))
+            scores = F.interpolate(canvas.average()[None], size=sample.gt.shape, mode="bilinear",
+                                   align_corners=False)[0]
+            labels = self.method.postprocess(scores, image, vocab, self.info)
+            self.num_windows += len(windows)
+            self._score_answer(sample, labels == 1)
+
+    def _embed(self, rgb: np.ndarray) -> tuple[Tensor, list[Window], list[Any]]:
+        s = self.settings
+        pixels = model_input(np.ascontiguousarray(rgb[..., ::-1]), s.short_side, s.long_side, rule=s.resize,
+                             center_crop=s.center_crop, interpolation=s.interpolation)
+        image = self.method.normalisation.apply(pixels[None].to(self.device))[0]
+        windows = image_windows(*image.shape[-2:], s.mode, s.crop, s.stride)
+        with autocast_context(self.device, self.options.precision):
+            features = [self.method.embed_windows(image[None, :, w.y1:w.y2, w.x1:w.x2]) for w in windows]
+        return image, windows, features
+
+    def _pair_vocabulary(self, expressions: Vocabulary, index: int) -> Vocabulary:
+        """Class 0: the background words; class 1: expression ``index``'s queries."""
+        bg, ex = self.background, expressions
+        rows = (ex.query_class == index).nonzero().flatten()
+        embeddings = torch.cat([bg.embeddings, ex.embeddings[rows]])
+        query_class = torch.cat([torch.zeros_like(bg.query_class), torch.ones_like(rows)])
+        return Vocabulary(embeddings, query_class, 2)
+
+
+def background_words() -> list[str]:
+    """SCLIP's background synonyms (the first line of its VOC-21 list)."""
+    from ..datasets.cards import load_card
+
+    return load_card("voc").class_synonyms("sclip")[0]
+
+
 class ReferringTrack(Track):
     name = "referring"
     metric_id = "referring-iou/int64"
     default_protocol = "tcl"
     console_columns = ("oIoU", "P@0.5", "P@0.9")
+    saves_predictions = True  # the chosen mask of every sample, 0/255
     sidecar_layout = "counts[sample, (intersect, union)]"
-    scorers = {ReferringMethod: ReferringScorer, SavedMaskMethod: SavedMaskScorer}
+    scorers = {ReferringMethod: ReferringScorer, SavedMaskMethod: SavedMaskScorer,
+               DenseFeatureMethod: DenseReferringScorer}
 
     def __init__(self) -> None:
         self._indices: dict[tuple[str, str], InstancesIndex] = {}

@@ -159,6 +159,7 @@ class SemanticTrack(Track):
     default_protocol = "tcl"
     console_columns = ("aAcc", "mAcc")
     label_pictures = True
+    saves_predictions = True
     sidecar_layout = "counts[image, (intersect, union, pred, label), class]"
     scorers = {WindowMethod: WindowScorer, LabelMethod: LabelScorer}
 

@@ -128,7 +128,7 @@ def test_merge_equals_one_pass(device: str) -> None:
 def test_state_round_trip_through_torch_save() -> None:
     counts = counted(random_pairs(seed=2))
     state = counts.state_dict()
-    assert set(state) == {"kind", "num_items", "additive", "per_item"} and state["kind"] == "referring-iou"
+    assert set(state) == {"kind", "num_items", "arithmetic", "additive", "per_item"} and state["kind"] == "referring-iou"
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -176,3 +176,15 @@ def test_summary_is_a_frozen_dataclass() -> None:
     assert isinstance(summary, ReferringSummary)
     with pytest.raises(AttributeError):
         summary.oiou = 0.0  # type: ignore[misc]
+
+
+def test_the_arithmetic_travels_with_the_counts_and_their_state():
+    counts = ReferringCounts(arithmetic="float32")
+    counts.update(torch.tensor([[1, 0], [1, 1]]).bool(), torch.tensor([[1, 1], [0, 1]]).bool())
+    restored = ReferringCounts.from_state(counts.state_dict())
+    assert restored.arithmetic == "float32"
+    assert restored.compute().miou == counts.compute(glcf_float32=True).miou
+    old = {k: v for k, v in counts.state_dict().items() if k != "arithmetic"}
+    assert ReferringCounts.from_state(old).arithmetic == "float64"
+    with pytest.raises(ValueError, match="arithmetic"):
+        ReferringCounts(arithmetic="float16")

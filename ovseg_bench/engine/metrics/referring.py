@@ -117,6 +117,9 @@ def _as_binary(x: Tensor, name: str) -> Tensor:
     return x
 
 
+ARITHMETICS = ("float64", "float32")
+
+
 @register_counts
 class ReferringCounts:
     """Per-sample int64 (I, U) of the referring track: the track's ``Counts``.
@@ -128,7 +131,10 @@ class ReferringCounts:
 
     kind: ClassVar[str] = "referring-iou"
 
-    def __init__(self, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, *, device: torch.device | str = "cpu", arithmetic: str = "float64") -> None:
+        if arithmetic not in ARITHMETICS:
+            raise ValueError(f"arithmetic {arithmetic!r} is not one of {ARITHMETICS}")
+        self.arithmetic = arithmetic  # how compute() divides: LAVT's float64 or GLCF's float32
         self._device = torch.device(device)
         self._totals = torch.zeros(2, dtype=torch.int64, device=self._device)
         self._rows: list[Tensor] = []   # int64 [2] rows or [k, 2] blocks, CPU
@@ -188,7 +194,7 @@ class ReferringCounts:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values and CPU tensors (``torch.load(weights_only=True)`` reads them)."""
-        return {"kind": self.kind, "num_items": self._num,
+        return {"kind": self.kind, "num_items": self._num, "arithmetic": self.arithmetic,
                 "additive": self._totals.cpu().clone(), "per_item": self.per_item.clone()}
 
     @classmethod
@@ -208,14 +214,20 @@ class ReferringCounts:
             raise DataError("saved referring counts: 'additive' must be an int64 tensor of shape [2]")
         if not isinstance(rows, Tensor) or rows.dtype != torch.int64 or tuple(rows.shape) != (num, 2):
             raise DataError(f"saved referring counts: 'per_item' must be an int64 tensor of shape [{num}, 2]")
-        counts = cls(device=device)
+        arithmetic = state.get("arithmetic", "float64")  # states saved before the field: LAVT's
+        if arithmetic not in ARITHMETICS:
+            raise DataError(f"saved referring counts: arithmetic {arithmetic!r} is not one of {ARITHMETICS}")
+        counts = cls(device=device, arithmetic=arithmetic)
         counts._totals = additive.to(counts._device).clone()
         counts._rows = [rows.cpu().clone()]
         counts._num = num
         return counts
 
-    def compute(self, *, glcf_float32: bool = False) -> ReferringSummary:
-        """oIoU, mIoU and precision over every sample counted (see :func:`summary_of_rows`)."""
+    def compute(self, *, glcf_float32: bool | None = None) -> ReferringSummary:
+        """oIoU, mIoU and precision over every sample counted (see :func:`summary_of_rows`), in
+        the counts' own arithmetic unless ``glcf_float32`` says otherwise."""
+        if glcf_float32 is None:
+            glcf_float32 = self.arithmetic == "float32"
         return summary_of_rows(self.per_item.numpy(), glcf_float32=glcf_float32)
 
 
