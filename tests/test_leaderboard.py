@@ -149,7 +149,7 @@ def test_pngs_are_charts_without_a_software_chunk(rendered):
 
 def test_reported_rows_sit_under_their_preset_with_their_tags(board):
     parts = sections(board)
-    full_tcl = next(body for title, body in parts.items() if "protocol `tcl`" in title and "limit" not in title)
+    full_tcl = next(body for title, body in parts.items() if "protocol `tcl`" in title and "limit" not in title and "semantic" in title)
     assert "tcl — reported [R] `tcl_paper`" in full_tcl and "reco — reported ? `reco_table`" in full_tcl
     assert "maskclip — reported [R] `maskclip_tcl_table`" in full_tcl
     sclip = parts["semantic · protocol `sclip` · reported only"]
@@ -166,7 +166,7 @@ def test_reported_rows_sit_under_their_preset_with_their_tags(board):
 
 def test_random_and_limit_runs_are_flagged(board):
     parts = sections(board)
-    full = next(body for title, body in parts.items() if "protocol `tcl`" in title and "limit" not in title)
+    full = next(body for title, body in parts.items() if "protocol `tcl`" in title and "limit" not in title and "semantic" in title)
     limited_title = next(title for title in parts if title.endswith("· limit 1"))
     limited = parts[limited_title]
     assert table_row(full, "clip")[0] == "clip ⚠ random weights"
@@ -178,7 +178,7 @@ def test_random_and_limit_runs_are_flagged(board):
 
 
 def test_avg_is_marked_when_benchmarks_are_missing(board, results):
-    full = next(body for title, body in sections(board).items() if "protocol `tcl`" in title and "limit" not in title)
+    full = next(body for title, body in sections(board).items() if "protocol `tcl`" in title and "limit" not in title and "semantic" in title)
     header = table_row(full, "method")
     clip = dict(zip(header, table_row(full, "clip")))
     mious = [load(p)["metrics"]["mIoU"] for p in result_jsons(results)
@@ -190,7 +190,7 @@ def test_avg_is_marked_when_benchmarks_are_missing(board, results):
 
 
 def test_measured_rows_show_the_difference_from_the_reported_value(board):
-    full = next(body for title, body in sections(board).items() if "protocol `tcl`" in title and "limit" not in title)
+    full = next(body for title, body in sections(board).items() if "protocol `tcl`" in title and "limit" not in title and "semantic" in title)
     header = table_row(full, "method")
     tcl = dict(zip(header, table_row(full, "tcl ")))
     assert tcl["backbone"] == "ViT-B-16" and tcl["weights"] == "openai + tcl.pth (ab12cd34)"
@@ -254,7 +254,7 @@ def set_config(result: dict, **changes: object) -> dict:
 
 def full_tcl_section(markdown: str) -> str:
     return next(body for title, body in sections(markdown).items()
-                if "protocol `tcl`" in title and "limit" not in title)
+                if "protocol `tcl`" in title and "limit" not in title and "semantic" in title)
 
 
 def measured_rows(section: str, method: str) -> list[list[str]]:
@@ -411,8 +411,10 @@ def test_reported_file_checks_keys_tags_and_datasets(tmp_path):
     good = (REPO / "leaderboard" / "reported.yaml").read_text(encoding="utf-8")
     cases = {"typo": good.replace("    decimals: 1\n", "    decimal: 1\n", 1),
              "tag": good.replace('tag: "S1"', 'tag: "S3"', 1),
-             "dataset": good.replace("values: {voc: 51.2,", "values: {pascal: 51.2,", 1)}
-    expected = {"typo": "unknown key(s) ['decimal']", "tag": "tag 'S3' is not defined", "dataset": "['pascal']"}
+             "dataset": good.replace("values: {voc: 51.2,", "values: {pascal: 51.2,", 1),
+             "metric": good.replace("metric: oIoU", "metric: AP50", 1)}
+    expected = {"typo": "unknown key(s) ['decimal']", "tag": "tag 'S3' is not defined", "dataset": "['pascal']",
+                "metric": "metric 'AP50' is not one of"}
     for case, text in cases.items():
         path = tmp_path / f"{case}.yaml"
         path.write_text(text, encoding="utf-8")
@@ -429,3 +431,9 @@ def test_without_a_checkout_the_reported_file_must_be_given(tmp_path, monkeypatc
     code, _, stderr = render(tmp_path / "results", tmp_path / "README.md",
                              "--reported", REPO / "leaderboard" / "reported.yaml")
     assert code == 0, stderr
+
+
+def test_referring_reported_rows_name_their_metric(board):
+    referring = next(body for title, body in sections(board).items() if title.startswith("referring"))
+    assert "glcf — reported S2 `glcf_paper_miou`" in referring
+    assert "glcf — reported oIoU [R] `glcf_paper_oiou`" in referring and "24.88" in referring
