@@ -1,6 +1,6 @@
 # Two set-up commands for a fresh machine (see README):
 #   make demo   - create .venv, install, run a method on the embedded demo dataset
-#   make test   - create .venv, install with the test extras (mmseg, crf: needs a C++ compiler), run the test suite
+#   make test   - create .venv, install with the test extras (mmseg, crf: needs a C++ compiler, sam, spacy), run the test suite
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ ARGS ?=
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[mmseg,crf,test]"
+	$(BIN)/python -m pip install --quiet -e ".[mmseg,crf,sam,spacy,test]"
 	touch $@
 
 .PHONY: install demo test

@@ -33,7 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_results_commands(sub)
     _add_data(sub)
     _add_reco(sub)
+    _add_proposals(sub)
     return parser
+
+
+def _add_proposals(sub: Any) -> None:
+    proposals = sub.add_parser(
+        "proposals", help="precompute mask proposals per image (for --method glcf), resumable",
+        epilog="example:\n  ovseg-bench proposals --source sam --dataset refcoco_val --out proposals/refcoco_sam.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    proposals.add_argument("--source", required=True, choices=("sam",), help="proposal generator: sam (Segment Anything)")
+    proposals.add_argument("--dataset", required=True, help="a referring (or semantic) dataset whose images to cover")
+    proposals.add_argument("--out", type=Path, required=True,
+                           help="proposals JSON to write; an existing file of the same source and settings is continued")
+    proposals.add_argument("--model-type", default=None, choices=("vit_b", "vit_l", "vit_h"),
+                           help="SAM backbone (default: the config's, vit_h)")
+    proposals.add_argument("--checkpoint", type=Path, default=None,
+                           help="SAM checkpoint file (default: the published one, downloaded and cached)")
+    proposals.add_argument("--config", type=Path, default=None,
+                           help="generator settings YAML (default: configs/proposals/sam.yaml, SAM's own defaults)")
+    proposals.add_argument("--data-root", type=Path, default=None, help="default: $OVSEG_DATA, else ./data")
+    proposals.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    proposals.add_argument("--save-every", type=int, default=50, help="images between saves (default: 50)")
+    proposals.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_reco(sub: Any) -> None:
@@ -159,7 +181,11 @@ def _add_run(sub: Any) -> None:
                      help="prediction values outside the classes (not 255): error (default) or ignore, "
                           "mmseg's drop, recorded in the result")
     run.add_argument("--references", type=Path, default=None,
-                     help="ReCo's reference embeddings: a pickle of {class name: embedding} (method reco_nocrf)")
+                     help="ReCo's reference embeddings: a published pickle of {class name: embedding} or a "
+                          "`reco build-references` file (methods reco, reco_nocrf)")
+    run.add_argument("--proposals", type=Path, default=None,
+                     help="mask proposals per image, the JSON of `ovseg-bench proposals` or your own FreeSOLO "
+                          "masks in that format (method glcf)")
     run.add_argument("--labels-from", default=None, choices=("gt", "xml"),
                      help="label-conditioned track: image labels from the GT or the VOC XML annotations "
                           "(default: the card's first, gt; part of the fingerprint)")
@@ -210,7 +236,18 @@ SKIPPED_SHOWN = 5  # skipped image ids printed on the console; the result file l
 def _delegate(args: argparse.Namespace) -> int:
     key = args.data_command if args.command == "data" else args.command
     return {"leaderboard": _leaderboard, "compare": _compare, "regress": _regress, "predict": _predict,
-            "prepare": _prepare, "reco": _reco_build}[key](args)
+            "prepare": _prepare, "reco": _reco_build, "proposals": _proposals}[key](args)
+
+
+def _proposals(args: argparse.Namespace) -> int:
+    from .proposals import ProposalsRequest, precompute_proposals
+
+    request = ProposalsRequest(source=args.source, dataset=args.dataset, out=args.out, model_type=args.model_type,
+                               checkpoint=args.checkpoint, data_root=args.data_root, config=args.config,
+                               device=args.device, save_every=args.save_every, quiet=args.quiet)
+    summary = precompute_proposals(request, log=lambda line: print(line, file=sys.stderr))
+    print(summary.line())
+    return 0
 
 
 def _reco_build(args: argparse.Namespace) -> int:
@@ -308,7 +345,8 @@ def _run(args: argparse.Namespace) -> int:
         method=args.method, datasets=expand_datasets(args.dataset), protocol=args.protocol,
         data_root=args.data_root or default_data_root(), output=args.output,
         weights=WeightsOptions(args.model, args.pretrained, args.checkpoint),
-        inputs=MethodInputs(tuple(args.predictions), args.predictions_out_of_range, args.bg_threshold, args.references),
+        inputs=MethodInputs(tuple(args.predictions), args.predictions_out_of_range, args.bg_threshold, args.references,
+                            args.proposals),
         method_config=args.config, device=args.device, limit=args.limit, resume=args.resume,
         save_predictions=args.save_predictions, visualize=args.visualize, labels_from=args.labels_from,
         engine=EngineOptions(args.batch_size, args.workers, args.precision, args.on_error, args.quiet))

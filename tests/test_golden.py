@@ -25,8 +25,7 @@ def test_every_registered_method_has_golden_numbers():
     entries = baseline_entries()
     methods = make_golden.golden_methods()  # method_names() less the methods tests register themselves
     assert {"clip", "predictions", "tcl"} <= set(methods)
-    expected = {f"{m}/{d}/{p}" for m in methods for d, p in make_golden.COMBOS}
-    expected |= {f"{m}/{d}/{p}" for m, combos in make_golden.TRACK_COMBOS.items() for d, p, _ in combos}
+    expected = {f"{m}/{d}/{p}" for m in methods for d, p, _ in make_golden.golden_combos(m)}
     tracks = {entries[k].get("classes") == ["(all items)"] for k in expected if k in entries}
     assert tracks == {True, False}, "the sweep covers the referring track and the image tracks"
     missing = sorted(expected - set(entries))

@@ -171,6 +171,19 @@ class LabelMethod(Method):
         """[H,W] integer labels of image ``image_id`` of dataset ``info``, which must have the GT ``shape``."""
 
 
+class ImageLabelMethod(Method):
+    """A semantic method that labels a whole image at once from its own per-image state (GLCF's
+    proposals classified and painted), rather than through the window engine."""
+
+    @abc.abstractmethod
+    def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> Vocabulary:
+        """``classes`` in label order, each a list of synonyms."""
+
+    @abc.abstractmethod
+    def label_image(self, image: np.ndarray, image_id: str, vocab: Vocabulary, info: DatasetInfo) -> torch.Tensor:
+        """[H,W,3] uint8 RGB at the GT size -> [H,W] int64 labels (predicted classes)."""
+
+
 def register_config_variants(adapter: type, names: tuple[str, ...], load_config: Callable[..., Any]) -> None:
     """Register each of ``names`` as ``adapter`` bound to ``configs/methods/<name>.yaml``.
 

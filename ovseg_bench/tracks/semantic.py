@@ -29,7 +29,7 @@ from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer, autoca
 from ..engine.sliding import Canvas, Window, image_windows
 from ..imaging import model_input
 from ..errors import DataError, NumericsError
-from ..methods.base import DatasetInfo, LabelMethod, Method, WindowMethod
+from ..methods.base import DatasetInfo, ImageLabelMethod, LabelMethod, Method, WindowMethod
 from .base import Track
 
 
@@ -153,6 +153,33 @@ class LabelScorer(Scorer):
         self.score(sample, torch.from_numpy(np.asarray(labels)).to(self.device).long(), torch.as_tensor(sample.gt))
 
 
+class ImageLabelScorer(Scorer):
+    """Whole images labelled by an :class:`ImageLabelMethod`. The protocol's resized input is
+    brought to the GT size (bilinear, rounded to uint8), the size its per-image state (e.g.
+    proposals) lives at; predicted labels are mapped to the scored ones as for window methods."""
+
+    new_counts = staticmethod(iou_counts)
+
+    def __init__(self, method: ImageLabelMethod, card: Any, settings: DatasetSettings, counts: IoUCounts,
+                 options: EngineOptions, device: torch.device, *, on_item: ImageHook | None = None):
+        super().__init__(counts, options, on_item=on_item)
+        self.method, self.device, self.info = method, device, dataset_info(card)
+        self.vocab = method.encode_classes(card.prediction_synonyms(settings.classnames), self.info)
+        self.to_scored = prediction_lut(card, device)
+
+    def push(self, sample: Sample) -> None:
+        if sample.error is not None:
+            self.handle_error(sample)
+            return
+        pixels = F.interpolate(sample.image[None].float(), size=tuple(sample.gt.shape), mode="bilinear",
+                               align_corners=False)[0].round().clamp(0, 255).byte()
+        rgb = pixels.permute(1, 2, 0).numpy()
+        labels = self.method.label_image(rgb, sample.image_id, self.vocab, self.info).to(self.device)
+        if self.to_scored is not None:
+            labels = self.to_scored[labels]
+        self.score(sample, labels, sample.gt)
+
+
 class SemanticTrack(Track):
     name = "semantic"
     metric_id = "mmseg-iou/int64"
@@ -161,7 +188,7 @@ class SemanticTrack(Track):
     label_pictures = True
     saves_predictions = True
     sidecar_layout = "counts[image, (intersect, union, pred, label), class]"
-    scorers = {WindowMethod: WindowScorer, LabelMethod: LabelScorer}
+    scorers = {WindowMethod: WindowScorer, LabelMethod: LabelScorer, ImageLabelMethod: ImageLabelScorer}
 
     def list_items(self, card: DatasetCard, data_root: Path) -> list[Any]:
         samples = list_samples(card, data_root)

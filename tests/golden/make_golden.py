@@ -55,13 +55,18 @@ TINY_MODEL = REPO / "tests" / "assets" / "tiny_vit.json"
 
 WEIGHTS_SEED, TCL_SEED, DATA_SEED, PREDICTIONS_SEED = 1601, 1602, 1603, 1604
 RECO_SEED = 1606
+GLCF_SEED = 1607
+TINY_B32 = REPO / "tests" / "assets" / "tiny_vit_b32.json"
 TINY_RN = REPO / "tests" / "assets" / "tiny_rn.json"
 NUM_IMAGES = 2
 SIZES = ((48, 64), (70, 42))          # (h, w): a landscape and a portrait image
 # (dataset, protocol preset) every method is run on.
 COMBOS = (("voc", "tcl"), ("ade20k", "sclip"))
 # The other tracks, served by `predictions` (saved masks and CAMs): (dataset, preset, data key).
-TRACK_COMBOS = {"predictions": (("refcoco_val", "tcl", "data_refer"), ("voc_train", "tcl", "data_lc"))}
+# The CLIP family runs the harness's dense referring baseline; glcf serves the referring track only.
+REFERRING = (("refcoco_val", "tcl", "data_refer"),)
+TRACK_COMBOS = {"predictions": (*REFERRING, ("voc_train", "tcl", "data_lc")), "glcf": REFERRING,
+                **{m: REFERRING for m in ("clip", "maskclip", "sclip", "clearclip", "naclip")}}
 TRACKS_SEED = 1605
 NUM_CLASSES = {"voc": 21, "ade20k": 150}  # label values after reduce_zero_label (predictions)
 
@@ -174,7 +179,38 @@ def write_inputs(work: Path) -> dict[str, Path]:
             Image.fromarray(prediction_map(rng, gt, NUM_CLASSES[dataset])).save(out)
     write_track_inputs(paths)
     write_reco_inputs(paths)
+    write_glcf_inputs(paths)
     return paths
+
+
+def write_glcf_inputs(paths: dict[str, Path]) -> None:
+    """Tiny ViT-B/32-shaped CLIP weights and a proposals file of rectangles for the refer tree."""
+    import json
+
+    from ovseg_bench.methods.proposals import encode_mask, write_proposals
+
+    paths["b32_weights"] = paths["weights"].parent / "tiny_vit_b32.pt"
+    torch.save(tiny_clip_state(GLCF_SEED, TINY_B32), paths["b32_weights"])
+    rng = np.random.default_rng(GLCF_SEED)
+    images = {}
+    sizes = [(str(image["id"]), image["height"], image["width"])
+             for image in json.loads((paths["data_refer"] / "refcoco" / "instances.json").read_text())["images"]]
+    for dataset, _ in COMBOS:  # the semantic extension runs on the same images as every method
+        for gt in sorted((paths["data"]).rglob("*.png")):
+            image_id = gt.stem
+            if (paths["predictions"] / dataset / f"{image_id}.png").is_file():
+                h, w = np.array(Image.open(gt)).shape[:2]
+                sizes.append((image_id, h, w))
+    for image_id, h, w in sizes:
+        entries = []
+        for k in range(4):
+            mask = np.zeros((h, w), dtype=bool)
+            y, x = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+            mask[y:y + int(rng.integers(3, h // 2)), x:x + int(rng.integers(3, w // 2))] = True
+            entries.append({"rle": encode_mask(mask), "score": 1.0 - k / 8})
+        images[image_id] = entries
+    paths["proposals"] = paths["weights"].parent / "proposals.json"
+    write_proposals(paths["proposals"], "golden rectangles", {"seed": GLCF_SEED}, images)
 
 
 def write_reco_inputs(paths: dict[str, Path]) -> None:
@@ -242,6 +278,8 @@ def extra_args(method: str, paths: dict[str, Path], dataset: str) -> list[str]:
     if method in ("reco", "reco_nocrf"):
         return ["--model", str(TINY_RN), "--pretrained", str(paths["rn_weights"]), "--checkpoint", str(paths["deit"]),
                 "--references", str(paths[f"refs_{dataset}"])]
+    if method == "glcf":
+        return ["--model", str(TINY_B32), "--pretrained", str(paths["b32_weights"]), "--proposals", str(paths["proposals"])]
     if method == "predictions":
         # The maps hold an out-of-range value on purpose: the golden counts pin mmseg's drop rule.
         return ["--predictions", str(paths["predictions"] / dataset), "--predictions-out-of-range", "ignore"]
@@ -287,6 +325,14 @@ def golden_methods() -> list[str]:
             if not METHODS.module_dict[name].__module__.split(".")[0] == "tests"]
 
 
+def golden_combos(method: str) -> list[tuple[str, str, str]]:
+    """(dataset, preset, data key) runs of ``method``: COMBOS if it serves the semantic track, plus its TRACK_COMBOS."""
+    from ovseg_bench.registry import get_method
+
+    semantic = "semantic" in get_method(method).tracks
+    return [(d, p, "data") for d, p in COMBOS if semantic] + list(TRACK_COMBOS.get(method, ()))
+
+
 def run_all(work: Path, *, methods: Sequence[str] | None = None, log=None) -> Path:
     """Write the inputs and run every (method, dataset, protocol); the results folder."""
     work = Path(work)
@@ -294,8 +340,7 @@ def run_all(work: Path, *, methods: Sequence[str] | None = None, log=None) -> Pa
     with golden_environment(work):
         paths = write_inputs(work)
         for method in methods or golden_methods():
-            combos = [(d, p, "data") for d, p in COMBOS] + list(TRACK_COMBOS.get(method, ()))
-            for dataset, protocol, data in combos:
+            for dataset, protocol, data in golden_combos(method):
                 start = time.perf_counter()
                 argv = ["run", "--method", method, "--dataset", dataset, "--protocol", protocol,
                         "--data-root", paths[data], "--output", results / f"{method}_{dataset}_{protocol}",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import inspect
 import sys
 
@@ -33,9 +32,6 @@ from ovseg_bench.methods.crf import CrfParams, crf_labels, dense_crf, require_cr
 MEAN, STD = IMAGENET_UNIT.mean, IMAGENET_UNIT.std
 H, W = 5, 6
 
-needs_pydensecrf = pytest.mark.skipif(
-    importlib.util.find_spec("pydensecrf") is None,
-    reason="pydensecrf missing: pip install -e '.[crf]'")
 
 
 def _kernel(features: np.ndarray) -> np.ndarray:
@@ -111,7 +107,6 @@ EXACT = CrfParams(gaussian_sxy=0.05, bilateral_sxy=1e4)
 EXACT_ATOL = 1e-4
 
 
-@needs_pydensecrf
 @pytest.mark.parametrize("iterations", [1, 2, 10])
 def test_dense_crf_is_the_mean_field_update_where_the_lattice_is_exact(iterations):
     params = dataclasses.replace(EXACT, iterations=iterations)
@@ -123,7 +118,6 @@ def test_dense_crf_is_the_mean_field_update_where_the_lattice_is_exact(iteration
     assert probs[:, 1, 1].argmax() == 2 and q[:, 1, 1].argmax() == 0
 
 
-@needs_pydensecrf
 def test_exact_tolerance_sees_a_one_percent_change_of_either_weight():
     params = dataclasses.replace(EXACT, iterations=1)
     probs, image = region_probs(), regions_image(noise=False)
@@ -144,7 +138,6 @@ def test_exact_tolerance_sees_a_one_percent_change_of_either_weight():
 DEFAULT_ATOL = 0.08
 
 
-@needs_pydensecrf
 @pytest.mark.parametrize("iterations", [1, 10])
 def test_dense_crf_with_stego_parameters_follows_the_formula_within_lattice_error(iterations):
     params = CrfParams(iterations=iterations)
@@ -237,7 +230,6 @@ def _scores_and_image() -> tuple[torch.Tensor, torch.Tensor]:
     return scores, IMAGENET_UNIT.apply(rgb[None])[0]
 
 
-@needs_pydensecrf
 def test_crf_labels_end_to_end():
     scores, image = _scores_and_image()
     bgr = unnormalised_bgr(image, mean=MEAN, std=STD)
@@ -248,7 +240,6 @@ def test_crf_labels_end_to_end():
     assert labels[1, 1] == 0  # flipped from the unary's class 2
 
 
-@needs_pydensecrf
 def test_crf_labels_ties_take_the_first_class():
     scores, image = _scores_and_image()
     # Two identical class rows stay bit-identical through the CRF: the argmax must pick the first.
@@ -294,7 +285,6 @@ def test_crf_labels_resize_log_probabilities_of_low_resolution_scores(monkeypatc
     np.testing.assert_array_equal(calls[0][0], torch.softmax(resized, 0).numpy())
 
 
-@needs_pydensecrf
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_crf_labels_return_on_the_scores_device():
     scores, image = _scores_and_image()
