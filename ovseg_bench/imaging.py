@@ -30,6 +30,15 @@ def decode_image(path: Path) -> np.ndarray | None:
     return cv2.imdecode(data, cv2.IMREAD_COLOR)
 
 
+def decode_pil_rgb(path: Path) -> np.ndarray:
+    """HxWx3 uint8 RGB as Pillow's ``Image.open(path).convert("RGB")`` gives it: EXIF orientation not
+    applied, Pillow's own JPEG decoding (WeakTr's and CLIP-ES's loaders)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB"))
+
+
 def decode_label(path: Path) -> np.ndarray:
     """HxW uint8 label map as ``np.array(PIL.Image.open(path))``: palette indices, no EXIF.
 

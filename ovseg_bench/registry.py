@@ -28,7 +28,7 @@ PLUGIN_GROUP = "ovseg_bench.methods"
 # Built-in method modules; importing one registers its adapters.
 _BUILTIN_METHOD_MODULES = ("ovseg_bench.methods.clip_family", "ovseg_bench.methods.predictions",
                            "ovseg_bench.methods.tcl", "ovseg_bench.methods.reco",
-                           "ovseg_bench.methods.glcf")
+                           "ovseg_bench.methods.glcf", "ovseg_bench.methods.weaktr", "ovseg_bench.methods.clip_es")
 _loaded = False
 
 # Unknown-name messages print the whole known list only up to this length; longer lists (open_clip's

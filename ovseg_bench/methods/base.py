@@ -305,8 +305,10 @@ class CamMethod(Method):
     tracks: ClassVar[tuple[str, ...]] = ("label-conditioned",)
 
     @abc.abstractmethod
-    def cams(self, image: np.ndarray, labels: tuple[int, ...], info: DatasetInfo, *, image_id: str) -> Any:
-        """[H,W,3] uint8 RGB and its label ids -> the CAMs of those classes."""
+    def cams(self, image: np.ndarray, labels: tuple[int, ...], info: DatasetInfo, *, image_id: str,
+             image_path: Path | None = None) -> Any:
+        """[H,W,3] uint8 RGB (the harness's decode) and its label ids -> the CAMs of those classes.
+        ``image_path`` lets a method decode the file as its reference does (Pillow, no EXIF)."""
 
     @abc.abstractmethod
     def curve(self, dataset: str) -> tuple[tuple[float, ...], float]:

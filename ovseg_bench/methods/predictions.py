@@ -143,7 +143,8 @@ class PredictionsMethod(LabelMethod, SavedMaskMethod, CamMethod):
                               "(steps of 0.01, as WeakTr scans)")
         return CAM_GRID, fixed
 
-    def cams(self, image: np.ndarray, labels: tuple[int, ...], info: DatasetInfo, *, image_id: str) -> Any:
+    def cams(self, image: np.ndarray, labels: tuple[int, ...], info: DatasetInfo, *, image_id: str,
+             image_path: Path | None = None) -> Any:
         from ..datasets.cams import load_cams
 
         path = self.folder_for(info.name) / f"{image_id}.npy"

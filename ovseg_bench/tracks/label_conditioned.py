@@ -53,7 +53,8 @@ class CamScorer(Scorer):
         if sample.error is not None:
             self.handle_error(sample)
             return
-        cams = self.method.cams(sample.image, sample.labels, self.info, image_id=sample.image_id)
+        cams = self.method.cams(sample.image, sample.labels, self.info, image_id=sample.image_id,
+                                image_path=sample.image_path)
         masks = torch.from_numpy(pseudo_masks(cams, self.grid, sample.gt.shape)).to(self.device)
         shown = masks[self.grid.index(self.fixed)]  # pictures show the fixed threshold's mask
         self.score(sample, masks, torch.from_numpy(sample.gt), shown=shown)
