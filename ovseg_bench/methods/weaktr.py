@@ -334,7 +334,13 @@ class WeakTr(CamMethod):
         self.model = build_weaktr(config, self.checkpoint, hint=config.checkpoint_hint).to(device)
 
     def weights(self) -> dict[str, Any]:
-        return {"checkpoint": str(self.checkpoint.resolve()), "random": False}
+        from ..atomic import sha256_file
+
+        c = self.config
+        standard = (c.embed_dim, c.depth, c.patch_size) == (384, 12, 16)
+        architecture = "DeiT-S-16" if standard else f"DeiT-{c.embed_dim}d-{c.depth}l-p{c.patch_size}"
+        return {"architecture": architecture, "checkpoint": str(self.checkpoint.resolve()),
+                "checkpoint_sha256": sha256_file(self.checkpoint), "random": False}
 
     def settings(self, dataset: str) -> dict[str, Any]:
         cfg = dataclasses.asdict(self.config)
