@@ -205,6 +205,9 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bars (where results go is still printed)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its saved state; skip datasets already done")
+    run.add_argument("--save-cams", action="store_true",
+                     help="label-conditioned track: write each image's CAMs to OUTPUT/cams/<method>/<dataset>/<image_id>.npy "
+                          "in its method's format (WeakTr's {0-based class: float32 HxW}; CLIP-ES's {keys, attn_highres})")
     run.add_argument("--save-predictions", action="store_true",
                      help="write label PNGs under OUTPUT/predictions/<method>/<dataset>/ (readable by --method predictions)")
     run.add_argument("--visualize", type=int, default=0, metavar="N",
@@ -349,6 +352,7 @@ def _run(args: argparse.Namespace) -> int:
                             args.proposals),
         method_config=args.config, device=args.device, limit=args.limit, resume=args.resume,
         save_predictions=args.save_predictions, visualize=args.visualize, labels_from=args.labels_from,
+        save_cams=args.save_cams,
         engine=EngineOptions(args.batch_size, args.workers, args.precision, args.on_error, args.quiet))
 
     def report(result: dict[str, Any], path: Path, replaced: bool) -> None:

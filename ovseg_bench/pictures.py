@@ -179,12 +179,22 @@ class _PictureWriter:
     """The run's per-image hook: saves label PNGs and/or panels; holds no image between calls."""
 
     def __init__(self, output: Path, method: str, card: Any, samples: list[Any], *,
-                 save_predictions: bool, visualize: int):
+                 save_predictions: bool, visualize: int, save_cams: bool = False):
         self.method, self.dataset, self.samples = method, card.name, samples
+        self.cams_dir = Path(output) / "cams" / method / card.name if save_cams else None
         self.names = card.class_names() if hasattr(card, "class_names") else ()  # referring cards have none
         self.labels_dir = Path(output) / "predictions" / method / card.name if save_predictions else None
         self.panels_dir = Path(output) / "visualize" / f"{method}__{card.name}"
         self.visualize = visualize
+
+    def on_cams(self, index: int, image_id: str, cams: Any) -> None:
+        """The label-conditioned scorer hands each image's CAMs here (``--save-cams``)."""
+        if self.cams_dir is None:
+            return
+        from .datasets.cams import save_cams
+
+        _check_image_id(image_id)
+        save_cams(self.cams_dir / f"{image_id}.npy", cams)
 
     def __call__(self, index: int, image_id: str, labels: Any, gt: Any) -> None:
         _check_image_id(image_id)
@@ -202,14 +212,15 @@ class _PictureWriter:
 
 
 def make_image_hook(output: Path, method: str, card: Any, samples: list[Any], *,
-                    save_predictions: bool, visualize: int) -> Any:
+                    save_predictions: bool, visualize: int, save_cams: bool = False) -> Any:
     """An ``ImageHook`` for ``engine.runner.evaluate`` that writes what the run asked for.
 
     ``samples`` is the run's sample list (``SampleRef``); the hook's index points into it.
     """
     if visualize < 0:
         raise ConfigError(f"--visualize {visualize}: expected a number of images >= 0")
-    return _PictureWriter(output, method, card, samples, save_predictions=save_predictions, visualize=visualize)
+    return _PictureWriter(output, method, card, samples, save_predictions=save_predictions, visualize=visualize,
+                          save_cams=save_cams)
 
 
 def _as_uint8_labels(labels: Any) -> np.ndarray:

@@ -58,6 +58,7 @@ class RunRequest:
     resume: bool = False             # skip finished datasets, continue saved states (module docstring)
     save_predictions: bool = False   # label PNGs under output/predictions/<method>/<dataset>/
     visualize: int = 0               # image | GT | prediction panels for the first N images
+    save_cams: bool = False          # label-conditioned: CAMs under output/cams/<method>/<dataset>/<image_id>.npy
     labels_from: str | None = None   # label-conditioned track: image labels from gt | xml (default: the card's)
 
 
@@ -147,6 +148,10 @@ def _refuse_mismatches(request: RunRequest, cards: list[Any], method_cls: type[M
         raise ConfigError(f"--visualize draws semantic label maps; {', '.join(unpictured)} is not on the semantic "
                           "track: run it without that option")
     unsaved = [card.name for card in cards if not get_track(card.track).saves_predictions]
+    uncams = [card.name for card in cards if card.track != "label-conditioned"]
+    if request.save_cams and uncams:
+        raise ConfigError(f"--save-cams writes the CAMs of the label-conditioned track; {', '.join(uncams)} is on "
+                          "another track: run it without that option")
     if request.save_predictions and unsaved:
         raise ConfigError(f"--save-predictions writes semantic labels or referring masks; {', '.join(unsaved)} is "
                           "on another track: run it without that option")
@@ -209,11 +214,12 @@ def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str)
     request = job.request
     settings = job.settings(card)
     hook = None
-    if request.save_predictions or request.visualize:
+    if request.save_predictions or request.visualize or request.save_cams:
         from .pictures import make_image_hook
 
         hook = make_image_hook(request.output, request.method, card, samples,
-                               save_predictions=request.save_predictions, visualize=request.visualize)
+                               save_predictions=request.save_predictions, visualize=request.visualize,
+                               save_cams=request.save_cams)
     partial = partial_path(request.output, stem, job.ranks)
     identity = _identity(job, card, samples)
     start = None

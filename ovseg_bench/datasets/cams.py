@@ -242,3 +242,21 @@ def pseudo_masks(cams: Cams, thresholds: Sequence[float], shape: tuple[int, int]
     """[T, H, W] uint8: :func:`pseudo_mask` at each threshold, in grid order (what
     :meth:`ThresholdCurveCounts.update <ovseg_bench.engine.curve_counts.ThresholdCurveCounts.update>` takes)."""
     return np.stack([pseudo_mask(cams, t, shape) for t in thresholds])
+
+
+def save_cams(path: Path, cams: Cams) -> None:
+    """Write ``cams`` in its own format, as its reference saves them (``np.save`` of a dict), so
+    that ``--method predictions`` reads back exactly these values: WeakTr's {label - 1: float32
+    [H, W]} in label order, or CLIP-ES's {"keys": label - 1, "attn_highres": float16 [K, H, W]}.
+    Written atomically."""
+    from ..atomic import atomic_path
+
+    if cams.source == "clip-es":
+        content: Any = {"keys": np.array([c - 1 for c in cams.classes], dtype=np.int64),
+                        CLIP_ES_MAPS: cams.maps.astype(np.float16)}
+    else:
+        content = {int(c) - 1: np.ascontiguousarray(m, dtype=np.float32) for c, m in zip(cams.classes, cams.maps)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as stream:
+            np.save(stream, np.array(content, dtype=object), allow_pickle=True)

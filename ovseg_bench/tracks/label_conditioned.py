@@ -55,6 +55,9 @@ class CamScorer(Scorer):
             return
         cams = self.method.cams(sample.image, sample.labels, self.info, image_id=sample.image_id,
                                 image_path=sample.image_path)
+        save = getattr(self.on_item, "on_cams", None)  # the run's hook takes CAMs under --save-cams
+        if save is not None:
+            save(sample.index, sample.image_id, cams)
         masks = torch.from_numpy(pseudo_masks(cams, self.grid, sample.gt.shape)).to(self.device)
         shown = masks[self.grid.index(self.fixed)]  # pictures show the fixed threshold's mask
         self.score(sample, masks, torch.from_numpy(sample.gt), shown=shown)
@@ -92,6 +95,7 @@ class LabelConditionedTrack(Track):
     name = "label-conditioned"
     metric_id = "wsss-pseudo-mask-iou/int64"
     default_protocol = "tcl"
+    saves_predictions = True  # the pseudo mask at the fixed threshold, label ids
     console_columns = ("aAcc", "mAcc", "bg_threshold", "best")
     sidecar_layout = "counts[image, (intersect, union, pred, label), class] at the fixed background threshold"
     scorers = {CamMethod: CamScorer, LabelMethod: LabelScorer}  # saved pseudo masks: scored as labels are

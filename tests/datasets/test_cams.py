@@ -223,3 +223,15 @@ def test_pseudo_masks_stack_the_grid(tmp_path: Path) -> None:
         np.testing.assert_array_equal(stacked[k], pseudo_mask(cams, t, (H, W)))
     # a higher threshold never adds foreground
     assert np.all((stacked[2] > 0) <= (stacked[0] > 0))
+
+
+def test_saved_cams_read_back_exactly_in_both_formats(tmp_path):
+    from ovseg_bench.datasets.cams import Cams, load_cams, save_cams
+
+    maps = np.random.default_rng(0).random((2, 5, 7)).astype(np.float16).astype(np.float32)
+    for source, dtype in (("weaktr", "float32"), ("clip-es", "float16")):
+        path = tmp_path / f"{source}.npy"
+        save_cams(path, Cams((15, 3), maps, source, dtype))
+        back = load_cams(path, 21)
+        assert back.classes == (15, 3) and back.source == source and back.file_dtype == dtype
+        assert np.array_equal(back.maps, maps)

@@ -335,3 +335,47 @@ def test_given_the_file_the_image_is_decoded_as_weaktr_does_with_pil_and_no_exif
     assert not np.array_equal(harness, pil)
     from_file = method.cams(harness, (3,), VOC, image_id="r", image_path=path)
     assert np.array_equal(from_file.maps, method.cams(pil, (3,), VOC, image_id="r").maps)
+
+
+def test_saved_cams_and_pseudo_masks_rescore_to_the_same_counts(tmp_path):
+    """--save-cams writes WeakTr's format, --save-predictions the fixed threshold's pseudo masks;
+    `--method predictions` on either gives the run's own counts at that threshold."""
+    from PIL import Image
+
+    from ovseg_bench.datasets.cams import read_npy_dict
+    from tests.label_synthetic import write_voc_label_tree
+
+    config = tiny_config()
+    ckpt = write_checkpoint(tmp_path / "ckpt.pth", config)
+    variant = tmp_path / "weaktr_tiny.yaml"
+    fields = {**dataclasses.asdict(config), "name": "weaktr_tiny", "variant_of": "weaktr"}
+    fields["scales"], fields["bg_grid"] = list(fields["scales"]), list(fields["bg_grid"])
+    variant.write_text(yaml.safe_dump(fields))
+    root = tmp_path / "data"
+    write_voc_label_tree(root, num_train=3, seed=4)
+    common = ["--dataset", "voc_train", "--data-root", root, "--workers", "0", "--quiet", "--device", "cpu"]
+    code, _, stderr = call_cli(["run", "--method", "weaktr", "--checkpoint", ckpt, "--config", variant,
+                                "--output", tmp_path / "out", "--save-cams", "--save-predictions", *common])
+    assert code == 0, stderr
+    (run,) = [json.loads(p.read_text()) for p in result_jsons(tmp_path / "out")]
+    cams_dir = tmp_path / "out" / "cams" / "weaktr" / "voc_train"
+    files = sorted(cams_dir.glob("*.npy"))
+    assert len(files) == 3
+    content = read_npy_dict(files[0])
+    assert all(isinstance(k, int) and v.dtype == np.float32 for k, v in content.items())
+    masks_dir = tmp_path / "out" / "predictions" / "weaktr" / "voc_train"
+    assert set(np.unique(np.array(Image.open(sorted(masks_dir.glob("*.png"))[0]))).tolist()) <= set(range(21))
+
+    def fixed_point(result):
+        return next(point for point in result["metrics"]["curve"] if float(point["bg_threshold"]) == 0.43)
+
+    code, _, stderr = call_cli(["run", "--method", "predictions", "--predictions", cams_dir, "--bg-threshold", "0.43",
+                                "--output", tmp_path / "again", *common])
+    assert code == 0, stderr
+    (again,) = [json.loads(p.read_text()) for p in result_jsons(tmp_path / "again")]
+    assert fixed_point(again) == fixed_point(run)
+    code, _, stderr = call_cli(["run", "--method", "predictions", "--predictions", masks_dir,
+                                "--output", tmp_path / "masks", *common])
+    assert code == 0, stderr
+    (masks,) = [json.loads(p.read_text()) for p in result_jsons(tmp_path / "masks")]
+    assert masks["metrics"]["mIoU"] == fixed_point(run)["mIoU"]
