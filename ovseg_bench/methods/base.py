@@ -313,3 +313,9 @@ class CamMethod(Method):
     @abc.abstractmethod
     def curve(self, dataset: str) -> tuple[tuple[float, ...], float]:
         """(background-threshold grid, the fixed threshold of the method's config)."""
+
+    def refine_pseudo_masks(self, masks: np.ndarray, cams: Any, image_path: Path | None,
+                            image: np.ndarray) -> np.ndarray:
+        """[T,H,W] label-id pseudo masks (one per grid threshold) -> refined ones (a dense CRF);
+        unchanged by default."""
+        return masks

@@ -87,8 +87,13 @@ class WeakTrConfig:
     bg_threshold: float = 0.43       # docs/Training.md `--t 43`
     checkpoint_url: str | None = None
     checkpoint_hint: str = ""        # where the checkpoint comes from, said when --checkpoint is missing
+    crf: str | None = None           # the pseudo masks' dense CRF: a preset of methods/crf.py (weaktr_voc, weaktr_coco)
 
     def __post_init__(self) -> None:
+        from .crf import CRF_PRESETS
+
+        if self.crf is not None and self.crf not in CRF_PRESETS:
+            raise ConfigError(f"method '{self.name}': crf '{self.crf}' is not one of {sorted(CRF_PRESETS)}")
         if self.pool not in POOLS:
             raise ConfigError(f"method '{self.name}': pool '{self.pool}' is not one of {POOLS}")
         if self.normalisation not in NORMALISATIONS:
@@ -352,6 +357,22 @@ class WeakTr(CamMethod):
     def curve(self, dataset: str) -> tuple[tuple[float, ...], float]:
         return self.config.grid(), self.config.bg_threshold
 
+    def refine_pseudo_masks(self, masks: np.ndarray, cams: Any, image_path: Path | None,
+                            image: np.ndarray) -> np.ndarray:
+        """With ``crf`` set, each pseudo mask through WeakTr's label CRF (evaluation.py: the argmax
+        in file order, ``crf_inference_label``, then back to label ids) on Pillow's RGB image."""
+        if self.config.crf is None or not len(cams.classes):
+            return masks
+        from ..imaging import decode_pil_rgb
+        from .crf import CRF_PRESETS, label_crf
+
+        rgb = decode_pil_rgb(image_path) if image_path is not None else image
+        label_key = np.array([0, *cams.classes], dtype=masks.dtype)
+        compact = np.zeros(256, dtype=np.int64)
+        compact[label_key] = np.arange(len(label_key))
+        params = CRF_PRESETS[self.config.crf]
+        return np.stack([label_key[label_crf(compact[m], len(label_key), rgb, params=params)] for m in masks])
+
     def key_labels(self, info: DatasetInfo) -> tuple[int, ...]:
         """Label id of each class token: VOC token k -> k + 1; COCO's 90 tokens (category id - 1)
         -> the 81-class cards' labels, -1 for the ten unused ids."""
@@ -386,4 +407,4 @@ class WeakTr(CamMethod):
         return Cams(tuple(keys[t] for t in tokens), maps.cpu().numpy().astype(np.float32))
 
 
-register_config_variants(WeakTr, ("weaktr", "semples"), load_weaktr_config)
+register_config_variants(WeakTr, ("weaktr", "semples", "weaktr_crf", "semples_crf"), load_weaktr_config)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..datasets.cams import pseudo_masks
@@ -58,7 +59,9 @@ class CamScorer(Scorer):
         save = getattr(self.on_item, "on_cams", None)  # the run's hook takes CAMs under --save-cams
         if save is not None:
             save(sample.index, sample.image_id, cams)
-        masks = torch.from_numpy(pseudo_masks(cams, self.grid, sample.gt.shape)).to(self.device)
+        masks = pseudo_masks(cams, self.grid, sample.gt.shape)
+        masks = self.method.refine_pseudo_masks(masks, cams, sample.image_path, sample.image)
+        masks = torch.from_numpy(np.ascontiguousarray(masks)).to(self.device)
         shown = masks[self.grid.index(self.fixed)]  # pictures show the fixed threshold's mask
         self.score(sample, masks, torch.from_numpy(sample.gt), shown=shown)
 

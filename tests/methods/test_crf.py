@@ -300,3 +300,21 @@ def test_pydensecrf_is_imported_only_inside_a_function():
     names = [alias.name for node in top_level for alias in node.names]
     names += [node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)]
     assert not [name for name in names if "pydensecrf" in name]
+
+
+def test_label_crf_equals_the_softmax_crf_on_unary_from_labels_probabilities():
+    from ovseg_bench.methods.crf import WEAKTR_VOC, label_crf
+
+    image = np.zeros((H, W, 3), dtype=np.uint8)
+    image[:, W // 2:] = 200                  # two flat halves
+    labels = np.zeros((H, W), dtype=np.int64)
+    labels[:, W // 2:] = 1
+    labels[2, 1] = labels[1, W - 2] = 2      # isolated labels the pairwise terms should remove
+    # pydensecrf's unary_from_labels with gt_prob 0.7 and no unsure label: p = 0.7 at the label,
+    # 0.3 / (n - 1) elsewhere, unary -log(p): the same energy dense_crf builds from these probabilities.
+    probs = np.full((3, H, W), 0.3 / 2, dtype=np.float32)
+    np.put_along_axis(probs, labels[None], 0.7, axis=0)
+    want = dense_crf(probs, image, params=WEAKTR_VOC).argmax(axis=0)
+    got = label_crf(labels, 3, image, params=WEAKTR_VOC)
+    assert got.dtype == np.int64 and np.array_equal(got, want)
+    assert not np.array_equal(got, labels)  # the pairwise terms changed labels: the CRF ran

@@ -379,3 +379,43 @@ def test_saved_cams_and_pseudo_masks_rescore_to_the_same_counts(tmp_path):
     assert code == 0, stderr
     (masks,) = [json.loads(p.read_text()) for p in result_jsons(tmp_path / "masks")]
     assert masks["metrics"]["mIoU"] == fixed_point(run)["mIoU"]
+
+
+def test_the_crf_variant_refines_the_fixed_thresholds_pseudo_mask_as_weaktrs_evaluation(tmp_path):
+    from PIL import Image
+
+    from ovseg_bench.datasets.cams import pseudo_mask
+    from ovseg_bench.methods.crf import WEAKTR_VOC, label_crf
+    from tests.label_synthetic import write_voc_label_tree
+
+    config = dataclasses.replace(tiny_config(), name="weaktr_crf", crf="weaktr_voc", bg_grid=(43, 44))
+    ckpt = write_checkpoint(tmp_path / "ckpt.pth", config)
+    variant = tmp_path / "weaktr_crf_tiny.yaml"
+    fields = {**dataclasses.asdict(config), "name": "weaktr_crf_tiny", "variant_of": "weaktr_crf"}
+    fields["scales"], fields["bg_grid"] = list(fields["scales"]), list(fields["bg_grid"])
+    variant.write_text(yaml.safe_dump(fields))
+    root = tmp_path / "data"
+    write_voc_label_tree(root, num_train=2, seed=5)
+    code, _, stderr = call_cli(["run", "--method", "weaktr_crf", "--checkpoint", ckpt, "--config", variant,
+                                "--dataset", "voc_train", "--data-root", root, "--output", tmp_path / "out",
+                                "--save-predictions", "--workers", "0", "--quiet", "--device", "cpu"])
+    assert code == 0, stderr
+    method = weaktr.WeakTr(config, WeightsOptions(checkpoint=ckpt), torch.device("cpu"))
+    from ovseg_bench.datasets.cards import load_card
+    from ovseg_bench.datasets.label_conditioned import list_label_conditioned
+
+    card = load_card("voc_train")
+    refined = 0
+    for ref in list_label_conditioned(card, root):
+        rgb = np.array(Image.open(ref.image_path).convert("RGB"))
+        gt = np.array(Image.open(ref.gt_path))
+        labels = tuple(int(v) for v in np.unique(gt) if 0 < v < 255)
+        cams = method.cams(rgb, labels, VOC, image_id=ref.image_id)
+        mask = pseudo_mask(cams, 0.43, gt.shape)
+        key = np.array([0, *cams.classes])
+        compact = np.searchsorted(np.sort(key), mask)  # file order is ascending for WeakTr's CAMs
+        want = key[label_crf(compact, len(key), rgb, params=WEAKTR_VOC)] if len(key) > 1 else mask
+        saved = np.array(Image.open(tmp_path / "out" / "predictions" / "weaktr_crf" / "voc_train" / f"{ref.image_id}.png"))
+        assert np.array_equal(saved, want)
+        refined += len(key) > 1
+    assert refined  # at least one image went through the CRF
