@@ -25,7 +25,10 @@ def test_every_registered_method_has_golden_numbers():
     entries = baseline_entries()
     methods = make_golden.golden_methods()  # method_names() less the methods tests register themselves
     assert {"clip", "predictions", "tcl"} <= set(methods)
-    expected = {f"{m}/{d}/{p}" for m in methods for d, p, _ in make_golden.golden_combos(m)}
+    from ovseg_bench.regress import entry_key
+
+    expected = {entry_key(m, d, p, variant=make_golden.GOLDEN_VARIANTS.get(m))
+                for m in methods for d, p, _ in make_golden.golden_combos(m)}
     tracks = {entries[k].get("classes") == ["(all items)"] for k in expected if k in entries}
     assert tracks == {True, False}, "the sweep covers the referring track and the image tracks"
     missing = sorted(expected - set(entries))

@@ -56,6 +56,13 @@ TINY_MODEL = REPO / "tests" / "assets" / "tiny_vit.json"
 WEIGHTS_SEED, TCL_SEED, DATA_SEED, PREDICTIONS_SEED = 1601, 1602, 1603, 1604
 RECO_SEED = 1606
 GLCF_SEED = 1607
+CAM_SEED = 1608
+TINY_VIT16_12 = REPO / "tests" / "assets" / "tiny_vit16_12.json"
+# WeakTr's generators run a tiny architecture through a config variant (the network's shape is
+# configuration, not readable from the checkpoint): the baseline keys carry the variant's name.
+WEAKTR_METHODS = ("weaktr", "semples", "weaktr_crf", "semples_crf")
+GOLDEN_VARIANTS = {m: f"{m}_golden" for m in WEAKTR_METHODS}
+WEAKTR_TINY = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, img_size=64, reduction=2.0, feat_reduction=8)
 TINY_B32 = REPO / "tests" / "assets" / "tiny_vit_b32.json"
 TINY_RN = REPO / "tests" / "assets" / "tiny_rn.json"
 NUM_IMAGES = 2
@@ -66,7 +73,8 @@ COMBOS = (("voc", "tcl"), ("ade20k", "sclip"))
 # The CLIP family runs the harness's dense referring baseline; glcf serves the referring track only.
 REFERRING = (("refcoco_val", "tcl", "data_refer"),)
 TRACK_COMBOS = {"predictions": (*REFERRING, ("voc_train", "tcl", "data_lc")), "glcf": REFERRING,
-                **{m: REFERRING for m in ("clip", "maskclip", "sclip", "clearclip", "naclip")}}
+                **{m: REFERRING for m in ("clip", "maskclip", "sclip", "clearclip", "naclip")},
+                **{m: (("voc_train", "tcl", "data_lc"),) for m in (*WEAKTR_METHODS, "clip_es")}}
 TRACKS_SEED = 1605
 NUM_CLASSES = {"voc": 21, "ade20k": 150}  # label values after reduce_zero_label (predictions)
 
@@ -180,7 +188,35 @@ def write_inputs(work: Path) -> dict[str, Path]:
     write_track_inputs(paths)
     write_reco_inputs(paths)
     write_glcf_inputs(paths)
+    write_cam_inputs(paths)
     return paths
+
+
+def write_cam_inputs(paths: dict[str, Path]) -> None:
+    """A tiny WeakTr checkpoint with one config variant per WeakTr method, tiny 12-layer CLIP
+    weights for clip_es."""
+    import dataclasses
+
+    import yaml
+
+    from ovseg_bench.methods.weaktr import WeakTrNet, load_weaktr_config
+
+    base = paths["weights"].parent
+    config = dataclasses.replace(load_weaktr_config("weaktr"), **WEAKTR_TINY)
+    net = WeakTrNet(config)
+    gen = _gen(CAM_SEED)
+    state = {k: torch.randn(v.shape, generator=gen) * (0.3 if k.endswith("weight") else 0.1)
+             + (1.0 if "norm" in k and k.endswith("weight") else 0.0) for k, v in net.state_dict().items()}
+    paths["weaktr_ckpt"] = base / "weaktr_tiny.pth"
+    torch.save({"model": state}, paths["weaktr_ckpt"])
+    for method in WEAKTR_METHODS:
+        fields = {**dataclasses.asdict(dataclasses.replace(load_weaktr_config(method), **WEAKTR_TINY)),
+                  "name": GOLDEN_VARIANTS[method], "variant_of": method}
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+        paths[f"config_{method}"] = base / f"{GOLDEN_VARIANTS[method]}.yaml"
+        paths[f"config_{method}"].write_text(yaml.safe_dump(fields), encoding="utf-8")
+    paths["vit16_12_weights"] = base / "tiny_vit16_12.pt"
+    torch.save(tiny_clip_state(CAM_SEED, TINY_VIT16_12), paths["vit16_12_weights"])
 
 
 def write_glcf_inputs(paths: dict[str, Path]) -> None:
@@ -278,6 +314,10 @@ def extra_args(method: str, paths: dict[str, Path], dataset: str) -> list[str]:
     if method in ("reco", "reco_nocrf"):
         return ["--model", str(TINY_RN), "--pretrained", str(paths["rn_weights"]), "--checkpoint", str(paths["deit"]),
                 "--references", str(paths[f"refs_{dataset}"])]
+    if method in WEAKTR_METHODS:
+        return ["--checkpoint", str(paths["weaktr_ckpt"]), "--config", str(paths[f"config_{method}"])]
+    if method == "clip_es":
+        return ["--model", str(TINY_VIT16_12), "--pretrained", str(paths["vit16_12_weights"])]
     if method == "glcf":
         return ["--model", str(TINY_B32), "--pretrained", str(paths["b32_weights"]), "--proposals", str(paths["proposals"])]
     if method == "predictions":
