@@ -452,6 +452,10 @@ def _track_facts(metrics: dict[str, Any]) -> list[tuple[str, str]]:
         facts += [("background threshold", metrics["bg_threshold"]),
                   ("best threshold", f"{best['bg_threshold']}: mIoU {best['mIoU']:.2f}"
                    + (" (chosen on the evaluated split)" if best.get("chosen_on_evaluated_split") else ""))]
+        if "weaktr_scan" in metrics:  # results written before the field have none
+            scan = metrics["weaktr_scan"]
+            facts.append(("WeakTr's scan (stops at the first threshold not strictly better)",
+                          f"{scan['bg_threshold']}: mIoU {scan['mIoU']:.2f}"))
     if "labels_from" in metrics:
         facts.append(("image labels from", metrics["labels_from"]))
     return facts

@@ -27,6 +27,7 @@ from ..datasets.cams import pseudo_masks
 from ..datasets.label_conditioned import LabelConditionedCard, LabelConditionedDataset, LabelledSample, \
     list_label_conditioned
 from ..engine.metrics import IoUCounts, ThresholdCurveCounts, threshold_label
+from ..engine.metrics.curve import weaktr_scan
 from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer
 from ..errors import DataError
 from ..methods.base import CamMethod, LabelMethod
@@ -84,6 +85,9 @@ def _curve_blocks(card: LabelConditionedCard, counts: ThresholdCurveCounts) -> d
     metrics["bg_threshold"] = threshold_label(fixed)
     metrics["best"] = {"bg_threshold": threshold_label(best), "mIoU": best_summary.miou,
                        "chosen_on_evaluated_split": summary.best_chosen_on_evaluated_split}
+    scan, scan_summary = weaktr_scan(summary.curve)
+    metrics["weaktr_scan"] = {"bg_threshold": threshold_label(scan), "mIoU": scan_summary.miou,
+                              "rule": "WeakTr's --curve: stops at the first threshold not strictly better"}
     metrics["curve"] = [{"bg_threshold": threshold_label(t), "mIoU": s.miou, "aAcc": s.aacc, "mAcc": s.macc}
                         for t, s in summary.curve]
     rows = counts.per_item.sum(0)

@@ -221,3 +221,16 @@ def test_counts_on_cuda_equal_the_cpu() -> None:
 def test_module_path_is_importable_from_the_engine(tmp_path: Path) -> None:
     # The class is found by its kind from a saved state (engine.metrics.counts_from_state).
     assert counts_from_state(_counted(_images(7, 1)).state_dict()).kind == ThresholdCurveCounts.kind
+
+
+def test_weaktrs_scan_stops_at_the_first_threshold_that_is_not_strictly_better() -> None:
+    from ovseg_bench.engine.metrics.curve import weaktr_scan
+
+    class S:
+        def __init__(self, miou):
+            self.miou = miou
+
+    # 0.40: 50, 0.41: 52, 0.42: 52 (a tie stops the scan), 0.43: 60 (the grid's best, never reached)
+    curve = [(0.40, S(50.0)), (0.41, S(52.0)), (0.42, S(52.0)), (0.43, S(60.0))]
+    assert weaktr_scan(curve)[0] == 0.41
+    assert weaktr_scan([(0.40, S(55.0)), (0.41, S(54.0))])[0] == 0.40

@@ -10,7 +10,8 @@ and paired compares are kept for one threshold only, the fixed one, so memory st
 semantic run (COCO 2014 train: 82,081 images x 4 x 81 int64).
 
 Differences from WeakTr's scan, on purpose: the whole grid is evaluated (WeakTr stops at the
-first t whose mIoU is not strictly higher than the last one's), and the metric is mmseg's
+first t whose mIoU is not strictly higher than the last one's; :func:`weaktr_scan` gives that
+threshold too, and results record it as ``weaktr_scan``), and the metric is mmseg's
 (WeakTr's ``nanmean`` over classes with a union agrees with it; CLIP-ES's eval_cam.py averages
 over classes with GT pixels only). The best threshold is chosen on the split being evaluated,
 as both references do, and is flagged so.
@@ -216,6 +217,19 @@ class ThresholdCurveCounts:
             curve.append((threshold, summarize(intersect, union, label)))
         best = _best_of(curve)
         return CurveSummary(tuple(curve), curve[self._fixed_at], best)
+
+
+def weaktr_scan(curve: Sequence[tuple[float, MetricSummary]]) -> tuple[float, MetricSummary]:
+    """WeakTr's own scan (hustvl/WeakTr@3457ad3:evaluation.py, ``--curve``): from the lowest
+    threshold up, stop at the first one whose mIoU is not strictly higher than the previous one's
+    and report the last improving one. Where the curve has several peaks it can stop before the
+    grid's best; the harness reports both."""
+    chosen = curve[0]
+    for entry in curve[1:]:
+        if not entry[1].miou > chosen[1].miou:
+            break
+        chosen = entry
+    return chosen
 
 
 def _best_of(curve: Sequence[tuple[float, MetricSummary]]) -> tuple[float, MetricSummary]:
