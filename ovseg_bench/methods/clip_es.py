@@ -119,6 +119,7 @@ class ClipEsConfig:
     min_max_eps: float = 1e-7
     bg_powers: tuple[float, ...] = (1.0, 2.0)
     bg_power: float = 2.0
+    crf: bool = False   # eval_cam_with_crf.py: the dense CRF on [(1 - max)^1, CAMs] (clip_es_crf)
     datasets: dict[str, str] = dataclasses.field(default_factory=dict)
     class_sets: dict[str, ClassSet] = dataclasses.field(default_factory=dict)
 
@@ -366,6 +367,14 @@ class ClipEs(CamMethod):
         settings["bg_thresholds"] = {str(k): power_threshold(k) for k in self.config.bg_powers}
         return settings
 
+    def refine_pseudo_masks(self, masks: np.ndarray, cams: Any, image_path: Path | None,
+                            image: np.ndarray) -> np.ndarray:
+        """With ``crf``, every grid point's mask is the CRF's labels (the CRF path has no threshold)."""
+        if not self.config.crf or not len(cams.classes) or image_path is None:
+            return masks
+        labels = clip_es_crf_labels(cams, image_path).astype(masks.dtype)
+        return np.broadcast_to(labels, masks.shape).copy()
+
     def curve(self, dataset: str) -> tuple[tuple[float, ...], float]:
         """(the float16 thresholds equivalent to ``bg_powers``, ascending; that of ``bg_power``)."""
         return tuple(sorted(power_threshold(k) for k in self.config.bg_powers)), power_threshold(self.config.bg_power)
@@ -422,4 +431,24 @@ class ClipEs(CamMethod):
         return np.stack(out).astype(np.float16).astype(np.float32)
 
 
-register_config_variants(ClipEs, ("clip_es",), load_clip_es_config)
+def clip_es_crf_labels(cams: Any, image_path: Path) -> np.ndarray:
+    """[H,W] label ids of CLIP-ES's CRF path (linyq2117/CLIP-ES@3893f81:eval_cam_with_crf.py):
+    scores [(1 - max)^1, CAMs] in float16, not normalised, through STEGO's CRF (Gaussian 1/3,
+    bilateral 67/3/4, 10 steps) on the cv2 BGR image minus (104.008, 116.669, 122.675) cast to
+    uint8 (negative values wrap, as numpy's cast does there); argmax, then the keys' label ids."""
+    from .crf import CrfParams, softmax_unary_crf
+
+    maps = cams.maps.astype(np.float16)  # the exact float16 values CLIP-ES stored
+    scores = np.concatenate([np.power(1 - maps.max(axis=0, keepdims=True), 1), maps], axis=0)
+    image = cv2.imread(str(image_path), cv2.IMREAD_COLOR).astype(np.float32)
+    image -= np.array(CLIP_ES_CRF_MEAN_BGR, dtype=np.float32)
+    image = image.transpose(2, 0, 1).astype(np.uint8).transpose(1, 2, 0)
+    q = softmax_unary_crf(scores, image, params=CrfParams())
+    keys = np.array([0, *cams.classes], dtype=np.int64)
+    return keys[np.argmax(q, axis=0)]
+
+
+CLIP_ES_CRF_MEAN_BGR = (104.008, 116.669, 122.675)  # eval_cam_with_crf.py mean_bgr
+
+
+register_config_variants(ClipEs, ("clip_es", "clip_es_crf"), load_clip_es_config)

@@ -92,14 +92,21 @@ def dense_crf(probs: np.ndarray, image_bgr: np.ndarray, *, params: CrfParams = C
         [C, H, W] float32 marginals; each pixel sums to 1.
     """
     _check_inputs(probs, image_bgr)
+    return softmax_unary_crf(probs, image_bgr, params=params)
+
+
+def softmax_unary_crf(probs: np.ndarray, image: np.ndarray, *, params: CrfParams) -> np.ndarray:
+    """:func:`dense_crf` without the input checks: ``probs`` [C, H, W] in any float dtype (pydensecrf's
+    ``unary_from_softmax`` clips and takes the log in that dtype, then casts to float32, as CLIP-ES
+    feeds it float16 scores that do not sum to 1) and ``image`` [H, W, 3] uint8."""
     densecrf, utils = _pydensecrf()
     c, h, w = probs.shape
     crf = densecrf.DenseCRF2D(w, h, c)
-    # -log(max(p, 1e-5)) in float32: pydensecrf.utils.unary_from_softmax's default clip.
+    # -log(max(p, 1e-5)), cast to float32: pydensecrf.utils.unary_from_softmax's default clip.
     crf.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(probs)))
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image_bgr), compat=params.bilateral_compat)
+                             rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
     return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(c, h, w)
 
 

@@ -74,7 +74,7 @@ COMBOS = (("voc", "tcl"), ("ade20k", "sclip"))
 REFERRING = (("refcoco_val", "tcl", "data_refer"),)
 TRACK_COMBOS = {"predictions": (*REFERRING, ("voc_train", "tcl", "data_lc")), "glcf": REFERRING,
                 **{m: REFERRING for m in ("clip", "maskclip", "sclip", "clearclip", "naclip")},
-                **{m: (("voc_train", "tcl", "data_lc"),) for m in (*WEAKTR_METHODS, "clip_es")}}
+                **{m: (("voc_train", "tcl", "data_lc"),) for m in (*WEAKTR_METHODS, "clip_es", "clip_es_crf")}}
 TRACKS_SEED = 1605
 NUM_CLASSES = {"voc": 21, "ade20k": 150}  # label values after reduce_zero_label (predictions)
 
@@ -316,7 +316,7 @@ def extra_args(method: str, paths: dict[str, Path], dataset: str) -> list[str]:
                 "--references", str(paths[f"refs_{dataset}"])]
     if method in WEAKTR_METHODS:
         return ["--checkpoint", str(paths["weaktr_ckpt"]), "--config", str(paths[f"config_{method}"])]
-    if method == "clip_es":
+    if method in ("clip_es", "clip_es_crf"):
         return ["--model", str(TINY_VIT16_12), "--pretrained", str(paths["vit16_12_weights"])]
     if method == "glcf":
         return ["--model", str(TINY_B32), "--pretrained", str(paths["b32_weights"]), "--proposals", str(paths["proposals"])]

@@ -7,6 +7,7 @@ import json
 from collections import deque
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -351,3 +352,49 @@ def test_cli_run_on_synthetic_voc_train(tmp_path):
     result = json.loads(path.read_text(encoding="utf-8"))
     metrics = result["metrics"]
     assert metrics["bg_threshold"] == "0.38208" and [c["bg_threshold"] for c in metrics["curve"]] == ["0.38208", "0.50"]
+
+
+def test_the_crf_variant_labels_are_clip_es_crf_path_redone_independently(tmp_path):
+    """eval_cam_with_crf.py step by step with pydensecrf itself: scores [(1 - max)^1, CAMs] in
+    float16, the BGR image minus the mean cast to uint8, STEGO's kernels, argmax, keys."""
+    import pydensecrf.densecrf as dcrf
+    import pydensecrf.utils as utils
+    from PIL import Image as PILImage
+
+    from ovseg_bench.datasets.cards import load_card
+    from ovseg_bench.datasets.label_conditioned import list_label_conditioned
+
+    root = tmp_path / "data"
+    write_voc_label_tree(root, num_train=2, seed=9)
+    argv = ["run", "--method", "clip_es_crf", "--dataset", "voc_train", "--model", TINY_MODEL, "--pretrained", "none",
+            "--data-root", root, "--output", tmp_path / "out", "--save-predictions", "--workers", "0", "--quiet",
+            "--device", "cpu"]
+    code, out, err = call_cli(argv)
+    assert code == 0, out + err
+    method = get_method("clip_es_crf")(WeightsOptions(model=TINY_MODEL, pretrained="none"), torch.device("cpu"))
+    refined = 0
+    for ref in list_label_conditioned(load_card("voc_train"), root):
+        rgb = np.array(PILImage.open(ref.image_path).convert("RGB"))
+        gt = np.array(PILImage.open(ref.gt_path))
+        labels = tuple(int(v) for v in np.unique(gt) if 0 < v < 255)
+        cams = method.cams(rgb, labels, VOC, image_id=ref.image_id, image_path=ref.image_path)
+        saved = np.array(PILImage.open(tmp_path / "out" / "predictions" / "clip_es_crf" / "voc_train"
+                                       / f"{ref.image_id}.png"))
+        if not labels:
+            assert (saved == 0).all()
+            continue
+        maps = cams.maps.astype(np.float16)
+        prob = np.concatenate([np.power(1 - np.max(maps, axis=0, keepdims=True), 1), maps], axis=0)
+        image = cv2.imread(str(ref.image_path), cv2.IMREAD_COLOR).astype(np.float32)
+        image -= (104.008, 116.669, 122.675)
+        image = image.transpose(2, 0, 1).astype(np.uint8).transpose(1, 2, 0)
+        c, h, w = prob.shape
+        d = dcrf.DenseCRF2D(w, h, c)
+        d.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(prob)))
+        d.addPairwiseGaussian(sxy=1, compat=3)
+        d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
+        q = np.array(d.inference(10)).reshape((c, h, w))
+        keys = np.pad(np.array(cams.classes) - 1 + 1, (1, 0), mode="constant")
+        assert np.array_equal(saved, keys[np.argmax(q, axis=0)])
+        refined += 1
+    assert refined
