@@ -407,4 +407,5 @@ class WeakTr(CamMethod):
         return Cams(tuple(keys[t] for t in tokens), maps.cpu().numpy().astype(np.float32))
 
 
-register_config_variants(WeakTr, ("weaktr", "semples", "weaktr_crf", "semples_crf"), load_weaktr_config)
+register_config_variants(WeakTr, ("weaktr", "semples", "weaktr_crf", "semples_crf", "weaktr_coco", "weaktr_coco_crf",
+                                  "semples_coco", "semples_coco_crf"), load_weaktr_config)

@@ -419,3 +419,32 @@ def test_the_crf_variant_refines_the_fixed_thresholds_pseudo_mask_as_weaktrs_eva
         assert np.array_equal(saved, want)
         refined += len(key) > 1
     assert refined  # at least one image went through the CRF
+
+
+def test_coco_configs_follow_weaktrs_coco_recipe_and_run(tmp_path):
+    from tests.label_synthetic import write_coco2014_tree
+
+    coco, crf = weaktr.load_weaktr_config("weaktr_coco"), weaktr.load_weaktr_config("weaktr_coco_crf")
+    assert (coco.num_classes, coco.reduction, coco.pool, coco.scales, coco.bg_threshold) == (90, 8.0, "max",
+                                                                                          (1.0, 0.8, 1.2), 0.42)
+    assert crf.crf == "weaktr_coco" and crf.grid() == (0.42,)
+    semples = weaktr.load_weaktr_config("semples_coco")
+    assert (semples.reduction, semples.pool) == (4.0, "avg")
+    assert weaktr.load_weaktr_config("semples_coco_crf").crf == "weaktr_voc"  # SemPLeS drops the COCO CRF choice
+    config = dataclasses.replace(coco, **TINY)
+    ckpt = write_checkpoint(tmp_path / "ckpt.pth", config)
+    variant = tmp_path / "weaktr_coco_tiny.yaml"
+    fields = {**dataclasses.asdict(config), "name": "weaktr_coco_tiny", "variant_of": "weaktr_coco"}
+    fields["scales"], fields["bg_grid"] = list(fields["scales"]), list(fields["bg_grid"])
+    variant.write_text(yaml.safe_dump(fields))
+    root = tmp_path / "data"
+    write_coco2014_tree(root, split="train", seed=1)
+    write_coco2014_tree(root, split="val", seed=2)  # data prepare coco2014 renders both splits
+    code, _, stderr = call_cli(["data", "prepare", "coco2014", "--data-root", root, "--quiet"])
+    assert code == 0, stderr
+    code, _, stderr = call_cli(["run", "--method", "weaktr_coco", "--checkpoint", ckpt, "--config", variant,
+                                "--dataset", "coco2014_train", "--data-root", root, "--output", tmp_path / "out",
+                                "--workers", "0", "--quiet", "--device", "cpu"])
+    assert code == 0, stderr
+    [result] = result_jsons(tmp_path / "out")
+    assert json.loads(result.read_text())["metrics"]["bg_threshold"] == "0.42"
