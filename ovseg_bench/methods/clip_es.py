@@ -258,7 +258,8 @@ def last_block_probabilities(model: nn.Module, x: Tensor, text: Tensor) -> tuple
 def _to_maps(tokens: Tensor, grid: tuple[int, int]) -> np.ndarray:
     """[1,T,D] -> numpy [1,D,h,w] view without CLS (pytorch_grad_cam ``reshape_transform``)."""
     result = tokens[:, 1:, :].reshape(tokens.size(0), grid[0], grid[1], tokens.size(2))
-    return result.transpose(2, 3).transpose(1, 2).detach().cpu().numpy()
+    # float(): under --precision bf16 the activations are bfloat16, which numpy cannot hold.
+    return result.transpose(2, 3).transpose(1, 2).detach().cpu().float().numpy()
 
 
 def scale_cam(cams: np.ndarray, eps: float = 1e-7, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -312,7 +313,7 @@ def box_mask(cam: np.ndarray, threshold: float) -> Tensor:
 def refine(trans: Tensor, mask: Tensor, cam: np.ndarray) -> np.ndarray:
     """CAA: (T with columns times ``mask``) @ cam -> [h,w] float32."""
     refined = torch.matmul(trans * mask, torch.FloatTensor(cam).view(-1, 1))
-    return refined.reshape(cam.shape).cpu().numpy().astype(np.float32)
+    return refined.reshape(cam.shape).cpu().float().numpy()
 
 
 def power_threshold(k: float) -> float:

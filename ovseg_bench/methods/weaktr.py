@@ -404,7 +404,7 @@ class WeakTr(CamMethod):
         with torch.inference_mode():
             total = multiscale_cams(self.model, image, present, self.config, self.device)
             maps = min_max(total[tokens], self.config.min_max_eps)
-        return Cams(tuple(keys[t] for t in tokens), maps.cpu().numpy().astype(np.float32))
+        return Cams(tuple(keys[t] for t in tokens), maps.cpu().float().numpy())
 
 
 register_config_variants(WeakTr, ("weaktr", "semples", "weaktr_crf", "semples_crf", "weaktr_coco", "weaktr_coco_crf",

@@ -28,7 +28,7 @@ from ..datasets.label_conditioned import LabelConditionedCard, LabelConditionedD
     list_label_conditioned
 from ..engine.metrics import IoUCounts, ThresholdCurveCounts, threshold_label
 from ..engine.metrics.curve import weaktr_scan
-from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer
+from ..engine.runner import EngineOptions, Evaluation, ImageHook, Scorer, autocast_context
 from ..errors import DataError
 from ..methods.base import CamMethod, LabelMethod
 from .base import Track
@@ -50,13 +50,16 @@ class CamScorer(Scorer):
         super().__init__(counts, options, on_item=on_item)
         self.method, self.device, self.info = method, device, dataset_info(card)
         self.grid, self.fixed = method.curve(card.name)
+        # --precision for the CAM forward passes (CLIP-ES ran fp16 on CUDA); pseudo masks and counts stay exact.
+        self.autocast = autocast_context(device, options.precision)
 
     def push(self, sample: LabelledSample) -> None:
         if sample.error is not None:
             self.handle_error(sample)
             return
-        cams = self.method.cams(sample.image, sample.labels, self.info, image_id=sample.image_id,
-                                image_path=sample.image_path)
+        with self.autocast:
+            cams = self.method.cams(sample.image, sample.labels, self.info, image_id=sample.image_id,
+                                    image_path=sample.image_path)
         save = getattr(self.on_item, "on_cams", None)  # the run's hook takes CAMs under --save-cams
         if save is not None:
             save(sample.index, sample.image_id, cams)

@@ -398,3 +398,45 @@ def test_the_crf_variant_labels_are_clip_es_crf_path_redone_independently(tmp_pa
         assert np.array_equal(saved, keys[np.argmax(q, axis=0)])
         refined += 1
     assert refined
+
+
+def test_precision_applies_to_the_cam_passes_and_is_recorded(tmp_path):
+    root = tmp_path / "data"
+    write_voc_label_tree(root, num_train=2, seed=3)
+    argv = ["run", "--method", "clip_es", "--dataset", "voc_train", "--model", TINY_MODEL, "--pretrained", "none",
+            "--data-root", root, "--workers", "0", "--quiet", "--device", "cpu"]
+    results = {}
+    for precision in ("fp32", "bf16"):
+        code, out, err = call_cli(argv + ["--output", tmp_path / precision, "--precision", precision])
+        assert code == 0, out + err
+        (path,) = [p for p in (tmp_path / precision).rglob("*.json") if "sidecar" not in p.name]
+        results[precision] = json.loads(path.read_text(encoding="utf-8"))
+    assert results["bf16"]["protocol"]["precision"] == "bf16"
+    method = get_method("clip_es")(WeightsOptions(model=TINY_MODEL, pretrained="none"), torch.device("cpu"))
+    image = _image(4, (64, 80))
+    full = method.cams(image, (3, 12), VOC, image_id="x").maps
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = method.cams(image, (3, 12), VOC, image_id="x").maps
+    assert full.dtype == low.dtype == np.float32 and not np.array_equal(full, low)
+
+
+def test_saved_clip_es_cams_rescore_to_the_same_counts_at_k_1(tmp_path):
+    """--save-cams writes CLIP-ES's {keys, attn_highres}; predictions reads them with CLIP-ES's rule.
+    k = 1 is the threshold 0.5, on predictions' grid (k = 2's 0.38208 is not)."""
+    root = tmp_path / "data"
+    write_voc_label_tree(root, num_train=3, seed=8)
+    common = ["--dataset", "voc_train", "--data-root", root, "--workers", "0", "--quiet", "--device", "cpu"]
+    code, out, err = call_cli(["run", "--method", "clip_es", "--model", TINY_MODEL, "--pretrained", "none",
+                               "--output", tmp_path / "out", "--save-cams", *common])
+    assert code == 0, out + err
+    cams_dir = tmp_path / "out" / "cams" / "clip_es" / "voc_train"
+    code, out, err = call_cli(["run", "--method", "predictions", "--predictions", cams_dir, "--bg-threshold", "0.5",
+                               "--output", tmp_path / "again", *common])
+    assert code == 0, out + err
+
+    def point(folder, label):
+        (path,) = [p for p in folder.rglob("*.json") if "sidecar" not in p.name and "cams" not in p.parts]
+        curve = json.loads(path.read_text(encoding="utf-8"))["metrics"]["curve"]
+        return next(c for c in curve if c["bg_threshold"] == label)
+
+    assert point(tmp_path / "again", "0.50") == point(tmp_path / "out", "0.50")
