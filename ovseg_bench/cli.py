@@ -6,6 +6,7 @@ no traceback and no result file.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,9 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bars (where results go is still printed)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its saved state; skip datasets already done")
+    run.add_argument("--no-cache", action="store_true",
+                     help="do not read or write the on-disk text-embedding cache ($OVSEG_TEXT_CACHE, default "
+                          "~/.cache/ovseg_bench/text)")
     run.add_argument("--save-cams", action="store_true",
                      help="label-conditioned track: write each image's CAMs to OUTPUT/cams/<method>/<dataset>/<image_id>.npy "
                           "in its method's format (WeakTr's {0-based class: float32 HxW}; CLIP-ES's {keys, attn_highres})")
@@ -339,6 +343,15 @@ def _prepare(args: argparse.Namespace) -> int:
     return run.code
 
 
+def _text_cache_note() -> None:
+    """One line saying whether the class texts came from the on-disk cache."""
+    from .methods.prompts import TextCache
+
+    if TextCache.hits:
+        print(f"text embeddings: {TextCache.hits} of {TextCache.hits + TextCache.misses} encodings read from the "
+              f"cache ({TextCache().root}; --no-cache to recompute)", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .engine.runner import EngineOptions
     from .methods.base import MethodInputs, WeightsOptions
@@ -365,7 +378,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{result['dataset']['name']}: {len(skipped)} image(s) skipped as unreadable (--on-error skip), "
                   f"not scored: {shown}; all are listed under images.skipped in {path.name}", file=sys.stderr)
 
+    if args.no_cache:
+        os.environ["OVSEG_TEXT_CACHE"] = "off"  # read by every TextCache of this process
     results = run_plan(request, on_result=report)
+    _text_cache_note()
     if results:  # under torchrun only rank 0 gets them; the other ranks stay quiet
         print(summary_table(results))
     return 0

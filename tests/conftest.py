@@ -98,6 +98,20 @@ def unwritable(folder: Path) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _text_cache_of_the_session(tmp_path_factory: pytest.TempPathFactory):
+    """Tests share one text cache of their own, never the user's ~/.cache."""
+    import os
+
+    previous = os.environ.get("OVSEG_TEXT_CACHE")
+    os.environ["OVSEG_TEXT_CACHE"] = str(tmp_path_factory.mktemp("text_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("OVSEG_TEXT_CACHE", None)
+    else:
+        os.environ["OVSEG_TEXT_CACHE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

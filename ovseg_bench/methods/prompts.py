@@ -51,25 +51,56 @@ def encode_names(model: Any, tokenizer: Any, names: list[str], templates: tuple[
 
 
 def text_cache_identity(record: dict[str, Any]) -> dict[str, Any]:
-    """The weights part of a :class:`TextCache` key: the results record of the CLIP weights plus,
-    for a local weights file, its size and mtime (a replaced file must not hit old entries)."""
+    """The weights part of a :class:`TextCache` key: the results record of the CLIP weights plus
+    the content of what decides them: a local weights file's sha256, a model-config JSON's
+    sha256, and for random weights (keyed by their seed) the open_clip and torch versions whose
+    initialisation draws them."""
+    from ..atomic import sha256_file
+
     identity = dict(record)
-    path = Path(str(identity.get("pretrained", "")))
-    if path.is_file():
-        stat = path.stat()
-        identity["file_stat"] = [stat.st_size, stat.st_mtime_ns]
+    for field in ("pretrained", "model_config"):
+        path = Path(str(identity.get(field, "")))
+        if path.is_file():
+            identity[f"{field}_sha256"] = _file_digest(path, sha256_file)
+    if identity.get("random"):
+        import open_clip
+
+        identity["versions"] = [open_clip.__version__, torch.__version__]
     return identity
 
 
-class TextCache:
-    """Text embeddings on disk keyed by weights, templates, averaging and names.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
-    Random weights are never cached (their identity is the seed, cheap to recompute anyway).
+
+def _file_digest(path: Path, digest: Any) -> str:
+    """sha256 of a file, computed once per process for a given (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = digest(path)
+    return _DIGESTS[key]
+
+
+NO_CACHE = "off"  # OVSEG_TEXT_CACHE=off (what `--no-cache` sets) turns the cache off
+
+
+class TextCache:
+    """Text embeddings on disk keyed by the weights' identity (:func:`text_cache_identity`),
+    templates, averaging and names; random weights too, keyed by their seed and config.
+
+    Each file holds its key beside the embeddings; a file that cannot be read, or whose key is
+    not the one asked for, is recomputed and replaced, never trusted. ``$OVSEG_TEXT_CACHE`` moves
+    the cache (``off`` disables it).
     """
+
+    hits = 0      # process-wide: entries read from the cache (the run says so)
+    misses = 0
 
     def __init__(self, root: Path | None = None):
         default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovseg_bench" / "text"
-        self.root = Path(os.environ.get("OVSEG_TEXT_CACHE", root or default))
+        setting = os.environ.get("OVSEG_TEXT_CACHE")
+        self.enabled = setting != NO_CACHE
+        self.root = Path(setting if setting and self.enabled else (root or default))
 
     def key(self, weights: dict[str, Any], templates: tuple[str, ...], average: str, names: list[str]) -> str:
         blob = json.dumps([weights, templates, average, names], sort_keys=True, default=str).encode()
@@ -77,14 +108,34 @@ class TextCache:
 
     def get_or_compute(self, weights: dict[str, Any], templates: tuple[str, ...], average: str,
                        names: list[str], compute: Any) -> torch.Tensor:
-        if weights.get("random"):
+        if not self.enabled:
             return compute()
-        path = self.root / f"{self.key(weights, templates, average, names)}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
+        key = self.key(weights, templates, average, names)
+        path = self.root / f"{key}.pt"
+        cached = self._read(path, key, len(names))
+        if cached is not None:
+            TextCache.hits += 1
+            return cached
+        TextCache.misses += 1
         embeddings = compute()
         with atomic_path(path) as tmp:
-            torch.save(embeddings.cpu(), tmp)
+            torch.save({"key": key, "embeddings": embeddings.detach().cpu()}, tmp)
+        return embeddings
+
+    @staticmethod
+    def _read(path: Path, key: str, rows: int) -> torch.Tensor | None:
+        """The cached embeddings, or None when absent, unreadable, or not this key's."""
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a truncated or foreign file is recomputed, whatever broke it
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != key:
+            return None
+        embeddings = saved.get("embeddings")
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[0] != rows:
+            return None
         return embeddings
 
 
