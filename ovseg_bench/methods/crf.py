@@ -99,11 +99,18 @@ def softmax_unary_crf(probs: np.ndarray, image: np.ndarray, *, params: CrfParams
     """:func:`dense_crf` without the input checks: ``probs`` [C, H, W] in any float dtype (pydensecrf's
     ``unary_from_softmax`` clips and takes the log in that dtype, then casts to float32, as CLIP-ES
     feeds it float16 scores that do not sum to 1) and ``image`` [H, W, 3] uint8."""
-    densecrf, utils = _pydensecrf()
-    c, h, w = probs.shape
-    crf = densecrf.DenseCRF2D(w, h, c)
+    _, utils = _pydensecrf()
     # -log(max(p, 1e-5)), cast to float32: pydensecrf.utils.unary_from_softmax's default clip.
-    crf.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(probs)))
+    return _marginals(utils.unary_from_softmax(probs), probs.shape, image, params)
+
+
+def _marginals(unary: np.ndarray, shape: tuple[int, int, int], image: np.ndarray, params: CrfParams) -> np.ndarray:
+    """[C, H, W] float32 mean-field marginals for a [C, H*W] unary: the Gaussian and bilateral Potts
+    kernels of ``params`` on ``image`` ([H, W, 3] uint8), ``params.iterations`` steps."""
+    densecrf, _ = _pydensecrf()
+    c, h, w = shape
+    crf = densecrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary))
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
                              rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
@@ -182,12 +189,7 @@ def label_crf(labels: np.ndarray, n_labels: int, image_rgb: np.ndarray, *, param
     if labels.ndim != 2 or image_rgb.shape != (*labels.shape, 3) or image_rgb.dtype != np.uint8:
         raise DataError(f"label CRF needs [H, W] labels and an [H, W, 3] uint8 image, got {labels.shape} and "
                         f"{image_rgb.shape} {image_rgb.dtype}")
-    densecrf, utils = _pydensecrf()
-    h, w = labels.shape
-    crf = densecrf.DenseCRF2D(w, h, n_labels)
-    crf.setUnaryEnergy(utils.unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image_rgb), compat=params.bilateral_compat)
-    q = np.asarray(crf.inference(params.iterations)).reshape(n_labels, h, w)
+    _, utils = _pydensecrf()
+    unary = utils.unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False)
+    q = _marginals(unary, (n_labels, *labels.shape), image_rgb, params)
     return np.argmax(q, axis=0).astype(np.int64)
