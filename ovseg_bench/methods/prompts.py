@@ -55,13 +55,11 @@ def text_cache_identity(record: dict[str, Any]) -> dict[str, Any]:
     the content of what decides them: a local weights file's sha256, a model-config JSON's
     sha256, and for random weights (keyed by their seed) the open_clip and torch versions whose
     initialisation draws them."""
-    from ..atomic import sha256_file
-
     identity = dict(record)
     for field in ("pretrained", "model_config"):
         path = Path(str(identity.get(field, "")))
         if path.is_file():
-            identity[f"{field}_sha256"] = _file_digest(path, sha256_file)
+            identity[f"{field}_sha256"] = _file_digest(path)
     if identity.get("random"):
         import open_clip
 
@@ -72,12 +70,14 @@ def text_cache_identity(record: dict[str, Any]) -> dict[str, Any]:
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def _file_digest(path: Path, digest: Any) -> str:
+def _file_digest(path: Path) -> str:
     """sha256 of a file, computed once per process for a given (path, size, mtime)."""
+    from ..atomic import sha256_file
+
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        _DIGESTS[key] = digest(path)
+        _DIGESTS[key] = sha256_file(path)
     return _DIGESTS[key]
 
 
