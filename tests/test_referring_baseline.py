@@ -89,3 +89,24 @@ def test_visualize_stays_on_the_semantic_track(refer_root, tmp_path):
     code, _, stderr = call_cli(run_argv("clip", "refcoco_val", tmp_path / "out", "--visualize", "2",
                                         data_root=refer_root))
     assert code == 2 and "--visualize" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_windows_are_counted_once_per_image_not_per_expression(refer_root, tmp_path):
+    code, _, stderr = call_cli(run_argv("clip", "refcoco_val", tmp_path / "out", data_root=refer_root))
+    assert code == 0, stderr
+    (path,) = result_jsons(tmp_path / "out")
+    result = json.loads(path.read_text())
+    refs, _ = read_referring(load_card("refcoco_val"), refer_root)
+    images = len({r.image_id for r in refs})
+    assert images < len(refs)  # some image has several expressions, so the two counts differ
+    from ovseg_bench.engine.protocol import load_protocol
+    from ovseg_bench.engine.sliding import image_windows
+    from ovseg_bench.imaging import model_input, decode_image
+
+    s = load_protocol("tcl").settings_for("refcoco_val")
+    expected = 0
+    for image_id in dict.fromkeys(r.image_id for r in refs):
+        path = next(r.image_path for r in refs if r.image_id == image_id)
+        h, w = model_input(decode_image(path), s.short_side, s.long_side, rule=s.resize).shape[-2:]
+        expected += len(image_windows(h, w, s.mode, s.crop, s.stride))
+    assert result["images"]["windows"] == expected

@@ -146,7 +146,6 @@ class DenseReferringScorer(ReferringScorer):
             scores = F.interpolate(canvas.average()[None], size=sample.gt.shape, mode="bilinear",
                                    align_corners=False)[0]
             labels = self.method.postprocess(scores, image, vocab, self.info)
-            self.num_windows += len(windows)
             self._score_answer(sample, labels == 1)
 
     def _embed(self, rgb: np.ndarray) -> tuple[Tensor, list[Window], list[Any]]:
@@ -157,6 +156,7 @@ class DenseReferringScorer(ReferringScorer):
         windows = image_windows(*image.shape[-2:], s.mode, s.crop, s.stride)
         with autocast_context(self.device, self.options.precision):
             features = [self.method.embed_windows(image[None, :, w.y1:w.y2, w.x1:w.x2]) for w in windows]
+        self.num_windows += len(windows)  # windows through the network: once per image, not per expression
         return image, windows, features
 
     def _pair_vocabulary(self, expressions: Vocabulary, index: int) -> Vocabulary:
