@@ -52,6 +52,7 @@ class CamScorer(Scorer):
         self.grid, self.fixed = method.curve(card.name)
         # --precision for the CAM forward passes (CLIP-ES ran fp16 on CUDA); pseudo masks and counts stay exact.
         self.autocast = autocast_context(device, options.precision)
+        self.save_cams = getattr(on_item, "on_cams", None)  # the run's hook takes CAMs under --save-cams
 
     def push(self, sample: LabelledSample) -> None:
         if sample.error is not None:
@@ -60,9 +61,8 @@ class CamScorer(Scorer):
         with self.autocast:
             cams = self.method.cams(sample.image, sample.labels, self.info, image_id=sample.image_id,
                                     image_path=sample.image_path)
-        save = getattr(self.on_item, "on_cams", None)  # the run's hook takes CAMs under --save-cams
-        if save is not None:
-            save(sample.index, sample.image_id, cams)
+        if self.save_cams is not None:
+            self.save_cams(sample.index, sample.image_id, cams)
         masks = pseudo_masks(cams, self.grid, sample.gt.shape)
         masks = self.method.refine_pseudo_masks(masks, cams, sample.image_path, sample.image)
         masks = torch.from_numpy(np.ascontiguousarray(masks)).to(self.device)
