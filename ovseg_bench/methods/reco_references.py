@@ -177,34 +177,48 @@ class EmbeddingCache:
         return torch.cat(self.rows) if self.rows else torch.zeros(0)
 
     def save(self) -> None:
+        self.rows = [self.embeddings()]  # one block from here on: later saves do not re-join every batch
         payload = {"identity": json.loads(json.dumps(self.identity, default=str)), "names": self.names,
-                   "embeddings": self.embeddings()}
+                   "embeddings": self.rows[0]}
         with atomic_path(self.path) as tmp:
             torch.save(payload, tmp)
 
 
 @torch.no_grad()
 def embed_archive(model: Any, files: dict[str, Path], cache: EmbeddingCache, *, size: int,
-                  device: torch.device, batch_size: int = 32, save_every: int = 20,
+                  device: torch.device, batch_size: int = 32, save_interval_s: float = 300.0,
                   quiet: bool = False) -> tuple[list[str], Tensor]:
-    """Every archive image's L2-normalised retrieval embedding, in archive order, resuming ``cache``."""
+    """Every archive image's L2-normalised retrieval embedding, in archive order, resuming ``cache``.
+
+    Each save rewrites the whole cache file, so saves are spaced by time (``save_interval_s``)
+    rather than by batch: on ImageNet's 1.28M images a save every few batches would rewrite
+    gigabytes thousands of times. What was computed is also saved when the loop stops early
+    (an error or Ctrl-C), so a rerun resumes from there.
+    """
+    import time
+
     from tqdm import tqdm
 
     transform = retrieval_transform(size)
     todo = [name for name in files if name not in cache.done()]
     bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="archive embeddings", unit="img",
                disable=quiet, dynamic_ncols=True)
-    for batch_number, start in enumerate(range(0, len(todo), batch_size), start=1):
-        names = todo[start:start + batch_size]
-        images = torch.stack([transform(open_image(files[name])) for name in names]).to(device)
-        embedding = model.encode_image(images).float()
-        cache.add(names, embedding / torch.linalg.norm(embedding, ord=2, dim=1, keepdim=True))
-        bar.update(len(names))
-        if batch_number % save_every == 0:
+    last_save, unsaved = time.monotonic(), False
+    try:
+        for start in range(0, len(todo), batch_size):
+            names = todo[start:start + batch_size]
+            images = torch.stack([transform(open_image(files[name])) for name in names]).to(device)
+            embedding = model.encode_image(images).float()
+            cache.add(names, embedding / torch.linalg.norm(embedding, ord=2, dim=1, keepdim=True))
+            unsaved = True
+            bar.update(len(names))
+            if time.monotonic() - last_save >= save_interval_s:
+                cache.save()
+                last_save, unsaved = time.monotonic(), False
+    finally:
+        bar.close()
+        if unsaved:
             cache.save()
-    bar.close()
-    if todo:
-        cache.save()
     order = {name: i for i, name in enumerate(cache.names)}
     embeddings = cache.embeddings()
     names = [name for name in files if name in order]

@@ -325,3 +325,25 @@ def test_retrieval_text_runs_in_fp16_as_reco():
         a, b = model.encode_text(tokens), half.encode_text(tokens)
     assert b.dtype == torch.float16 and not torch.equal(a, b.float())
     assert F.cosine_similarity(a, b.float()).min() > 0.99
+
+
+def test_an_interrupted_embedding_keeps_what_it_computed(tmp_path):
+    from ovseg_bench.methods.clip_model import load_clip
+
+    files = refs.scan_archive(write_archive(tmp_path / "archive"))
+    model = load_clip(TINY_VIT, "none").model
+    calls = {"n": 0}
+    encode = model.encode_image
+
+    def flaky(images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return encode(images)
+
+    model.encode_image = flaky
+    cache = refs.EmbeddingCache(tmp_path / "c.pt", {"id": 1})
+    with pytest.raises(KeyboardInterrupt):
+        refs.embed_archive(model, files, cache, size=224, device=torch.device("cpu"), batch_size=2, quiet=True)
+    resumed = refs.EmbeddingCache(tmp_path / "c.pt", {"id": 1})
+    assert resumed.done() == set(list(files)[:4])  # two batches of two, saved on the way out
