@@ -403,11 +403,12 @@ def fp16_text_copy(model: Any) -> Any:
     """A copy of an open_clip model whose text tower runs as OpenAI's fp16 CLIP does: Conv/Linear/
     attention weights in fp16, LayerNorm computed in fp32 and cast back. ReCo's retrieval model is
     ``build_model`` of OpenAI's CLIP, which converts to fp16 on every device
-    (networks/clip_arch.py:452-513), so its text queries are fp16 embeddings."""
+    (networks/clip_arch.py:452-513), so its text queries are fp16 embeddings. The image tower is
+    not copied (ViT-L/14@336 alone is over a gigabyte): the copy's ``visual`` is a placeholder."""
     import open_clip
     from open_clip.transformer import LayerNorm, LayerNormFp32
 
-    half = copy.deepcopy(model)
+    half = copy.deepcopy(model, memo={id(model.visual): torch.nn.Identity()})
     open_clip.convert_weights_to_lp(half, dtype=torch.float16)
     for module in half.modules():
         if type(module) in (LayerNorm, torch.nn.LayerNorm):

@@ -320,6 +320,7 @@ def test_retrieval_text_runs_in_fp16_as_reco():
     half = refs.fp16_text_copy(model)
     assert half.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float16
     assert model.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float32
+    assert not list(half.visual.parameters()) and model.visual.conv1.weight.dtype == torch.float32
     tokens = torch.randint(1, 100, (2, 77))
     with torch.no_grad():
         a, b = model.encode_text(tokens), half.encode_text(tokens)
