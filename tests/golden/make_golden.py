@@ -197,9 +197,8 @@ def write_cam_inputs(paths: dict[str, Path]) -> None:
     weights for clip_es."""
     import dataclasses
 
-    import yaml
-
     from ovseg_bench.methods.weaktr import WeakTrNet, load_weaktr_config
+    from tests.methods.test_weaktr import write_variant
 
     base = paths["weights"].parent
     config = dataclasses.replace(load_weaktr_config("weaktr"), **WEAKTR_TINY)
@@ -210,11 +209,8 @@ def write_cam_inputs(paths: dict[str, Path]) -> None:
     paths["weaktr_ckpt"] = base / "weaktr_tiny.pth"
     torch.save({"model": state}, paths["weaktr_ckpt"])
     for method in WEAKTR_METHODS:
-        fields = {**dataclasses.asdict(dataclasses.replace(load_weaktr_config(method), **WEAKTR_TINY)),
-                  "name": GOLDEN_VARIANTS[method], "variant_of": method}
-        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-        paths[f"config_{method}"] = base / f"{GOLDEN_VARIANTS[method]}.yaml"
-        paths[f"config_{method}"].write_text(yaml.safe_dump(fields), encoding="utf-8")
+        tiny = dataclasses.replace(load_weaktr_config(method), **WEAKTR_TINY)
+        paths[f"config_{method}"] = write_variant(base, tiny, method, GOLDEN_VARIANTS[method])
     paths["vit16_12_weights"] = base / "tiny_vit16_12.pt"
     torch.save(tiny_clip_state(CAM_SEED, TINY_VIT16_12), paths["vit16_12_weights"])
 

@@ -45,6 +45,15 @@ def write_checkpoint(path: Path, config: weaktr.WeakTrConfig, seed: int = 0) -> 
     return path
 
 
+def write_variant(folder: Path, config: weaktr.WeakTrConfig, variant_of: str, name: str | None = None) -> Path:
+    """``config`` as a ``--config`` variant of ``variant_of`` (YAML has no tuples: they become lists)."""
+    name = name or f"{variant_of}_tiny"
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    path = Path(folder) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**fields, "name": name, "variant_of": variant_of}))
+    return path
+
+
 def image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
@@ -292,10 +301,7 @@ def test_run_through_cli(tmp_path):
 
     config = tiny_config()
     ckpt = write_checkpoint(tmp_path / "ckpt.pth", config)
-    variant = tmp_path / "weaktr_tiny.yaml"
-    fields = {**{k: v for k, v in dataclasses.asdict(config).items()}, "name": "weaktr_tiny", "variant_of": "weaktr"}
-    fields["scales"], fields["bg_grid"] = list(fields["scales"]), list(fields["bg_grid"])
-    variant.write_text(yaml.safe_dump(fields))
+    variant = write_variant(tmp_path, config, "weaktr")
     root = tmp_path / "data"
     write_voc_label_tree(root, num_train=3, seed=4)
     code, _, stderr = call_cli(["run", "--method", "weaktr", "--dataset", "voc_train", "--checkpoint", ckpt,
@@ -347,10 +353,7 @@ def test_saved_cams_and_pseudo_masks_rescore_to_the_same_counts(tmp_path):
 
     config = tiny_config()
     ckpt = write_checkpoint(tmp_path / "ckpt.pth", config)
-    variant = tmp_path / "weaktr_tiny.yaml"
-    fields = {**dataclasses.asdict(config), "name": "weaktr_tiny", "variant_of": "weaktr"}
-    fields["scales"], fields["bg_grid"] = list(fields["scales"]), list(fields["bg_grid"])
-    variant.write_text(yaml.safe_dump(fields))
+    variant = write_variant(tmp_path, config, "weaktr")
     root = tmp_path / "data"
     write_voc_label_tree(root, num_train=3, seed=4)
     common = ["--dataset", "voc_train", "--data-root", root, "--workers", "0", "--quiet", "--device", "cpu"]
@@ -390,10 +393,7 @@ def test_the_crf_variant_refines_the_fixed_thresholds_pseudo_mask_as_weaktrs_eva
 
     config = dataclasses.replace(tiny_config(), name="weaktr_crf", crf="weaktr_voc", bg_grid=(43, 44))
     ckpt = write_checkpoint(tmp_path / "ckpt.pth", config)
-    variant = tmp_path / "weaktr_crf_tiny.yaml"
-    fields = {**dataclasses.asdict(config), "name": "weaktr_crf_tiny", "variant_of": "weaktr_crf"}
-    fields["scales"], fields["bg_grid"] = list(fields["scales"]), list(fields["bg_grid"])
-    variant.write_text(yaml.safe_dump(fields))
+    variant = write_variant(tmp_path, config, "weaktr_crf")
     root = tmp_path / "data"
     write_voc_label_tree(root, num_train=2, seed=5)
     code, _, stderr = call_cli(["run", "--method", "weaktr_crf", "--checkpoint", ckpt, "--config", variant,
@@ -433,10 +433,7 @@ def test_coco_configs_follow_weaktrs_coco_recipe_and_run(tmp_path):
     assert weaktr.load_weaktr_config("semples_coco_crf").crf == "weaktr_voc"  # SemPLeS drops the COCO CRF choice
     config = dataclasses.replace(coco, **TINY)
     ckpt = write_checkpoint(tmp_path / "ckpt.pth", config)
-    variant = tmp_path / "weaktr_coco_tiny.yaml"
-    fields = {**dataclasses.asdict(config), "name": "weaktr_coco_tiny", "variant_of": "weaktr_coco"}
-    fields["scales"], fields["bg_grid"] = list(fields["scales"]), list(fields["bg_grid"])
-    variant.write_text(yaml.safe_dump(fields))
+    variant = write_variant(tmp_path, config, "weaktr_coco")
     root = tmp_path / "data"
     write_coco2014_tree(root, split="train", seed=1)
     write_coco2014_tree(root, split="val", seed=2)  # data prepare coco2014 renders both splits
