@@ -1,4 +1,5 @@
-"""Where the shipped data files (method configs, protocol presets, dataset cards) live.
+"""Where the shipped data files (method configs, protocol presets, dataset cards) live, and the
+user cache folder.
 
 In a source checkout or an editable install they are the top-level ``configs/`` and
 ``datasets/`` folders; a wheel carries them inside the package as ``ovseg_bench/configs`` and
@@ -6,6 +7,7 @@ In a source checkout or an editable install they are the top-level ``configs/`` 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import ConfigError
@@ -34,3 +36,10 @@ def configs_dir() -> Path:
 
 def cards_dir() -> Path:
     return shipped_dir("datasets")
+
+
+def cache_dir(kind: str) -> Path:
+    """``$XDG_CACHE_HOME/ovseg_bench/<kind>``, else ``~/.cache/ovseg_bench/<kind>`` (an empty
+    ``$XDG_CACHE_HOME`` counts as unset): checkpoints, text embeddings, ReCo's archive embeddings."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ovseg_bench" / kind

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import re
 import struct
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_write, sha256_file
 from ..errors import WeightsError
+from ..resources import cache_dir
 
 MAX_LISTED = 5  # key names shown per kind of mismatch; the counts tell the rest
 _HEAD_BYTES = 64
@@ -248,8 +248,7 @@ def load_strict(module: nn.Module, state: Mapping[str, Any], *, source: str, hin
 # ----------------------------------------------------------------------------- download and cache
 def checkpoint_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/ovseg_bench/checkpoints``, else ``~/.cache/ovseg_bench/checkpoints``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ovseg_bench" / "checkpoints"
+    return cache_dir("checkpoints")
 
 
 def _download(url: str, target: Path) -> None:

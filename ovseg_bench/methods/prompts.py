@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..resources import configs_dir
+from ..resources import cache_dir, configs_dir
 from ..atomic import atomic_path
 
 AVERAGING = ("raw", "normalised")
@@ -97,7 +97,7 @@ class TextCache:
     misses = 0
 
     def __init__(self, root: Path | None = None):
-        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovseg_bench" / "text"
+        default = cache_dir("text")
         setting = os.environ.get("OVSEG_TEXT_CACHE")
         self.enabled = setting != NO_CACHE
         self.root = Path(setting if setting and self.enabled else (root or default))

@@ -316,11 +316,11 @@ def _archive_embeddings(request: BuildRequest, retrieval: Any, files: dict[str, 
 def _default_cache(identity: dict[str, Any]) -> Path:
     import hashlib
     import json
-    import os
+
+    from ..resources import cache_dir
 
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovseg_bench" / "reco"
-    return base / f"archive-embeddings-{key}.pt"
+    return cache_dir("reco") / f"archive-embeddings-{key}.pt"
 
 
 def _retrieval_text(config: RecoConfig, retrieval: Any, device: torch.device) -> ClipTextEncoder:
