@@ -432,6 +432,9 @@ class ClipEs(CamMethod):
         return np.stack(out).astype(np.float16).astype(np.float32)
 
 
+CLIP_ES_CRF_MEAN_BGR = (104.008, 116.669, 122.675)  # eval_cam_with_crf.py mean_bgr
+
+
 def clip_es_crf_labels(cams: Any, image_path: Path) -> np.ndarray:
     """[H,W] label ids of CLIP-ES's CRF path (linyq2117/CLIP-ES@3893f81:eval_cam_with_crf.py):
     scores [(1 - max)^1, CAMs] in float16, not normalised, through STEGO's CRF (Gaussian 1/3,
@@ -447,9 +450,6 @@ def clip_es_crf_labels(cams: Any, image_path: Path) -> np.ndarray:
     q = softmax_unary_crf(scores, image, params=CrfParams())
     keys = np.array([0, *cams.classes], dtype=np.int64)
     return keys[np.argmax(q, axis=0)]
-
-
-CLIP_ES_CRF_MEAN_BGR = (104.008, 116.669, 122.675)  # eval_cam_with_crf.py mean_bgr
 
 
 register_config_variants(ClipEs, ("clip_es", "clip_es_crf"), load_clip_es_config)
