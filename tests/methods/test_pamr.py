@@ -143,3 +143,21 @@ def test_bad_arguments():
         pamr(torch.zeros(1, 3, 4, 4), torch.zeros(2, 2, 4, 4))
     with pytest.raises(DataError):
         pamr(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dilations", [(8, 16), TCL_PAMR["dilations"]])
+@pytest.mark.parametrize("shape", [(1, 19, 37, 53), (2, 3, 64, 48)])
+def test_propagation_equals_the_references_stack_product_and_sum_to_the_bit(dilations, shape):
+    """The buffered, in-place propagation against 1-stage-wseg's expression, written out here."""
+    pamr = PAMR(num_iter=3, dilations=dilations)
+    g = torch.Generator().manual_seed(sum(shape))
+    mask = torch.randn(*shape, generator=g)
+    weights = torch.softmax(torch.randn(shape[0], 1, len(pamr._neighbours), *shape[-2:], generator=g), dim=2)
+    expected, pad = mask, max(dilations)
+    for _ in range(3):
+        padded = torch.nn.functional.pad(expected, [pad] * 4, mode="replicate")
+        h, w = shape[-2:]
+        shifted = torch.stack([padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+                               for dy, dx in pamr._neighbours], dim=2)
+        expected = (shifted * weights).sum(dim=2)
+    assert torch.equal(pamr._propagate(mask, weights), expected)
