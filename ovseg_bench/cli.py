@@ -16,6 +16,7 @@ from .errors import ConfigError, OvsegError
 RUN_EXAMPLES = """examples:
   ovseg-bench run --method maskclip --dataset demo
   ovseg-bench run --method sclip --dataset all --protocol sclip --data-root ~/data
+  ovseg-bench run --method clip-family --dataset all --model ViT-B-16 --pretrained none
   ovseg-bench run --method clip --dataset voc --model tests/assets/tiny_vit.json --pretrained none
   ovseg-bench run --method predictions --predictions my_masks/ --dataset ade20k
 """
@@ -163,7 +164,9 @@ def _add_weights_options(parser: argparse.ArgumentParser) -> None:
 def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="evaluate a method on datasets", epilog=RUN_EXAMPLES,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--method", required=True, help="a registered method (`ovseg-bench list methods`)")
+    run.add_argument("--method", required=True,
+                     help="a registered method (`ovseg-bench list methods`), a comma list, or `clip-family` (clip, "
+                          "maskclip, sclip, clearclip, naclip); methods sharing a trunk compute it once per window")
     run.add_argument("--dataset", action="append", required=True,
                      help="dataset name(s), comma-separated or repeated; `all` = the eight semantic benchmarks, "
                           "`referring` = the eight RefCOCO/+/g splits")
@@ -380,10 +383,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.no_cache:
         os.environ["OVSEG_TEXT_CACHE"] = "off"  # read by every TextCache of this process
-    results = run_plan(request, on_result=report)
+    results = run_plan(request, on_result=report, on_note=lambda line: print(line, file=sys.stderr))
     _text_cache_note()
-    if results:  # under torchrun only rank 0 gets them; the other ranks stay quiet
-        print(summary_table(results))
+    # Under torchrun only rank 0 gets results; the other ranks stay quiet. One table per method.
+    for method in dict.fromkeys(r["method"]["name"] for r in results):
+        print(summary_table([r for r in results if r["method"]["name"] == method]))
     return 0
 
 

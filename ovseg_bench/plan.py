@@ -29,12 +29,15 @@ from .atomic import check_writable
 from .engine import distributed
 from .engine.distributed import Ranks
 from .engine.protocol import PRECISIONS, DatasetSettings, ProtocolPreset, fingerprint, image_rule, load_protocol, resolve_protocol
-from .engine.runner import (EngineOptions, Evaluation, Work, autocast_context, evaluate, load_partial,
-                            resolve_device, resolve_save_every, save_partial)
+from .engine.runner import (EngineOptions, Evaluation, Scorer, Work, autocast_context, evaluate, evaluate_each,
+                            load_partial, resolve_device, resolve_save_every, save_partial)
 from .errors import ConfigError, DataError, TrackError
 from .methods.base import Method, MethodInputs, WeightsOptions
 from .identity import config_digest
-from .registry import get_method
+from .registry import METHOD_GROUPS, get_method
+from .streams import Task, plan_streams
+from .datasets.loader import SharedImagesDataset
+from .tracks.semantic import StreamScorer, WindowHead
 from .tracks import get_track
 from .results import SCHEMA, ResultKey, environment, image_ids_digest, read_result, run_digest, write_result
 
@@ -102,18 +105,28 @@ def expand_datasets(names: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(expanded))
 
 
-def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> list[dict[str, Any]]:
-    """Evaluate ``request.method`` on each dataset; returns the result dicts in order.
+def run_plan(request: RunRequest, on_result: ResultCallback | None = None,
+             on_note: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Evaluate each method of ``request.method`` (a name, a comma list or a group such as
+    ``clip-family``) on each dataset; returns the result dicts, method by method, in order.
 
+    Datasets that read the same images alike, and methods that share a trunk, run as one
+    stream (:mod:`ovseg_bench.streams`); ``on_note`` gets one line per sharing decision.
     Under torchrun only rank 0 returns them (and calls ``on_result``); other ranks return [].
     """
     _validate(request)
+    method_names = expand_methods(request.method)
+    if len(method_names) > 1 and request.method_config is not None:
+        raise ConfigError(f"--config replaces the config of one method; {len(method_names)} were given "
+                          f"({', '.join(method_names)}): run the variant in a command of its own")
     check_writable(request.output, option=f"--output {request.output}")  # before any weights load
     cards = _unique_cards(request.datasets)  # unknown names fail before any work
     names = tuple(card.name for card in cards)
-    method_cls = get_method(request.method)
-    _refuse_mismatches(request, cards, method_cls)
-    preset = load_protocol(resolve_protocol(request.protocol, method_cls, request.method_config))
+    classes = [get_method(name) for name in method_names]
+    _refuse_undeclared_inputs(request.inputs, classes)
+    for name, method_cls in zip(method_names, classes):
+        _refuse_mismatches(dataclasses.replace(request, method=name), cards, method_cls)
+    presets = [load_protocol(resolve_protocol(request.protocol, cls, request.method_config)) for cls in classes]
     device = resolve_device(request.device)
     autocast_context(device, request.engine.precision)  # refuse fp16 on the CPU before loading weights
     # Every missing dataset named at once, before any work; each track knows its own layout.
@@ -123,26 +136,72 @@ def run_plan(request: RunRequest, on_result: ResultCallback | None = None) -> li
     try:
         engine = request.engine.for_device(device)
         engine = engine if ranks.main else dataclasses.replace(engine, quiet=True)
-        with distributed.main_first(ranks):  # one download into the shared cache
-            method = method_cls(request.weights, device, request.method_config, inputs=request.inputs)
-        method.check_datasets(names)
-        job = _Job(request, preset, method, engine, device, ranks)
-        results = []
-        for card, samples in zip(cards, listed):
-            result, path, replaced = _run_dataset(job, card, samples)
-            if ranks.main:
-                results.append(result)
-                if on_result:
-                    on_result(result, path, replaced)
-        return results
+        jobs = []
+        for name, method_cls, preset in zip(method_names, classes, presets):
+            with distributed.main_first(ranks):  # one download into the shared cache
+                method = method_cls(request.weights, device, request.method_config, inputs=request.inputs)
+            method.check_datasets(names)
+            jobs.append(_Job(dataclasses.replace(request, method=name), preset, method, engine, device, ranks))
+        tasks = [Task(job, card, samples) for job in jobs for card, samples in zip(cards, listed)]
+        done: dict[int, dict[str, Any]] = {}
+        for group in plan_streams(tasks, alone=_resume_reason, on_note=on_note if ranks.main else None):
+            for task, (result, path, replaced) in zip(group, _run_group(group, on_note)):
+                if ranks.main:
+                    done[tasks.index(task)] = result
+                    if on_result:
+                        on_result(result, path, replaced)
+        return [done[i] for i in sorted(done)]
     finally:
         distributed.shutdown(ranks)
 
 
+def expand_methods(name: str) -> tuple[str, ...]:
+    """``--method``: one name, a comma list, or a group (``clip-family``: the five CLIP
+    baselines); spaces dropped, repeats removed, order kept."""
+    expanded: list[str] = []
+    for part in filter(None, (piece.strip() for piece in name.split(","))):
+        expanded.extend(METHOD_GROUPS.get(part.lower(), (part,)))
+    if not expanded:
+        raise ConfigError("--method names no method; pass a registered name (`ovseg-bench list methods`), a comma "
+                          f"list, or a group ({', '.join(METHOD_GROUPS)})")
+    return tuple(dict.fromkeys(get_method(part).name for part in expanded))
+
+
+def _resume_reason(task: Task) -> str | None:
+    """Under --resume, a task with a finished result or a saved state runs on its own."""
+    request = task.job.request
+    if not request.resume:
+        return None
+    stem = result_key(task.job, task.card).stem
+    if (request.output / f"{stem}.json").is_file() or any(request.output.glob(f"{stem}.partial*.pt")):
+        return "it has a finished result or a saved state to take up (--resume)"
+    return None
+
+
+def _run_group(group: list[Task], on_note: Callable[[str], None] | None) -> list[tuple[dict[str, Any], Path, bool]]:
+    """One task on its own, or a stream of several, each writing its result."""
+    if len(group) == 1:
+        return [_run_dataset(group[0].job, group[0].card, group[0].samples)]
+    return _run_stream(group, on_note)
+
+
+def _refuse_undeclared_inputs(inputs: MethodInputs, classes: list[type[Method]]) -> None:
+    """Inputs none of the methods takes; each method reads only the ones it declares."""
+    undeclared = [name for name in inputs.given() if not any(name in cls.inputs for cls in classes)]
+    if undeclared:
+        options = ", ".join("--" + name.replace("_", "-") for name in undeclared)
+        if len(classes) == 1:
+            takers = "takes none" if not classes[0].inputs else f"takes only {', '.join(classes[0].inputs)}"
+            subject = f"method '{classes[0].name}', which {takers}"
+        else:
+            subject = f"any of the methods {', '.join(cls.name for cls in classes)}"
+        raise ConfigError(f"{options}: not an input of {subject}; "
+                          "drop it, or pick the method it belongs to (e.g. --method predictions)")
+
+
 def _refuse_mismatches(request: RunRequest, cards: list[Any], method_cls: type[Method]) -> None:
-    """Before any weights load: inputs the method does not take, pictures off the semantic
-    track, and datasets of a track the method does not serve."""
-    _refuse_undeclared_inputs(request.inputs, method_cls)
+    """Before any weights load: pictures off the semantic track, and datasets of a track the
+    method does not serve."""
     unpictured = [card.name for card in cards if not get_track(card.track).label_pictures]
     if request.visualize and unpictured:
         raise ConfigError(f"--visualize draws semantic label maps; {', '.join(unpictured)} is not on the semantic "
@@ -159,15 +218,6 @@ def _refuse_mismatches(request: RunRequest, cards: list[Any], method_cls: type[M
         if card.track not in method_cls.tracks:
             raise TrackError(f"method '{request.method}' serves {method_cls.tracks}, "
                              f"dataset '{card.name}' is a '{card.track}' benchmark")
-
-
-def _refuse_undeclared_inputs(inputs: MethodInputs, method_cls: type[Method]) -> None:
-    undeclared = [name for name in inputs.given() if name not in method_cls.inputs]
-    if undeclared:
-        options = ", ".join("--" + name.replace("_", "-") for name in undeclared)
-        takers = "takes none" if not method_cls.inputs else f"takes only {', '.join(method_cls.inputs)}"
-        raise ConfigError(f"{options}: not an input of method '{method_cls.name}', which {takers}; "
-                          "drop it, or pick the method it belongs to (e.g. --method predictions)")
 
 
 def _unique_cards(datasets: tuple[str, ...]) -> list[DatasetCard]:
@@ -189,17 +239,78 @@ def _run_dataset(job: _Job, card: DatasetCard, samples: list[SampleRef]) -> tupl
             _remove_partials(job, stem)
             return (*finished, False)
     evaluation = distributed.combine(_evaluate(job, card, samples, stem), ranks)
+    return _finish(job, card, samples, stem, evaluation)
+
+
+def _finish(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str, evaluation: Evaluation,
+            shared: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path, bool]:
+    """Write one dataset's result (rank 0), then drop its saved states; ``shared``: the stream it ran in."""
+    request, ranks = job.request, job.ranks
     _require_scored(card.name, evaluation, len(samples))
     result, path = {}, request.output / f"{stem}.json"
     replaced = path.is_file()
     if ranks.main:
         settings = job.settings(card)
         result = _result(job, card, settings, evaluation, len(samples))
+        if shared is not None:
+            result["timing"]["shared"] = shared
         path = write_result(result, request.output, evaluation.counts.per_item.numpy(), evaluation.image_ids,
                             layout=get_track(card.track).sidecar_layout)
     ranks.barrier()  # the result is on disk before any rank drops its saved state
     _remove_partials(job, stem)
     return result, path, replaced
+
+
+def _run_stream(group: list[Task], on_note: Callable[[str], None] | None) -> list[tuple[dict[str, Any], Path, bool]]:
+    """Several (method, dataset) tasks on one stream of images: each image decoded, resized and
+    cut into windows once, each trunk run once per window; each dataset's result as if alone."""
+    first = group[0]
+    job, request, ranks = first.job, first.job.request, first.job.ranks
+    cards = list({task.card.name: task.card for task in group}.values())
+    track = get_track(first.card.track)
+    owner = {card.name: next(t for t in group if t.card is card) for card in cards}
+    settings = {name: task.job.settings(task.card) for name, task in owner.items()}
+    reader = SharedImagesDataset([track.reader(card, owner[card.name].samples, settings[card.name], request.data_root)
+                                  for card in cards])
+    heads, stems = [], []
+    for task in group:
+        stem = result_key(task.job, task.card).stem
+        hook = _image_hook(task.job.request, task.card, task.samples)
+        book = Scorer(track.new_counts(task.card, task.job.method, job.device), job.engine, on_item=hook)
+        heads.append(WindowHead.build(task.job.method, task.card, task.job.settings(task.card), book, job.device,
+                                      sample_at=cards.index(task.card)))
+        stems.append(stem)
+        partial_path(request.output, stem, ranks).unlink(missing_ok=True)  # a stream always starts afresh
+    identities = [_identity(task.job, task.card, task.samples) for task in group]
+
+    def save_states(states: list[Evaluation]) -> None:
+        for stem, state, identity in zip(stems, states, identities):
+            save_partial(partial_path(request.output, stem, ranks), state, identity)
+
+    scorer = StreamScorer(heads, settings[cards[0].name], job.engine, job.device)
+    work = Work(indices=distributed.shard(len(first.samples), job.engine.save_every, ranks), on_block=save_states)
+    names = "+".join(card.name for card in cards)
+    methods = list(dict.fromkeys(task.job.request.method for task in group))
+    evaluations = evaluate_each(scorer, reader, [track.item_id(s) for s in first.samples], job.engine,
+                                desc=f"{names} ({len(methods)} method{'s' * (len(methods) > 1)})", work=work)
+    passes = distributed.sum_over_ranks(scorer.passes, ranks)
+    shared = {"stream": [f"{t.job.request.method}/{t.card.name}" for t in group], **passes}
+    if on_note is not None and ranks.main:
+        on_note(f"{names} x {', '.join(methods)}: {passes['trunk_windows']} window passes through trunks and "
+                f"{passes['branch_windows']} through last parts, where separate runs make "
+                f"{passes['separate_windows']} full passes")
+    return [_finish(task.job, task.card, task.samples, stem, distributed.combine(evaluation, ranks), shared)
+            for task, stem, evaluation in zip(group, stems, evaluations)]
+
+
+def _image_hook(request: RunRequest, card: DatasetCard, samples: list[SampleRef]) -> Any:
+    """The hook writing what the run asked for (label PNGs, pictures, CAMs), or None."""
+    if not (request.save_predictions or request.visualize or request.save_cams):
+        return None
+    from .pictures import make_image_hook
+
+    return make_image_hook(request.output, request.method, card, samples, save_predictions=request.save_predictions,
+                           visualize=request.visualize, save_cams=request.save_cams)
 
 
 def result_key(job: _Job, card: DatasetCard) -> ResultKey:
@@ -213,13 +324,7 @@ def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str)
     """This rank's shard of one dataset, continued from its saved state under resume."""
     request = job.request
     settings = job.settings(card)
-    hook = None
-    if request.save_predictions or request.visualize or request.save_cams:
-        from .pictures import make_image_hook
-
-        hook = make_image_hook(request.output, request.method, card, samples,
-                               save_predictions=request.save_predictions, visualize=request.visualize,
-                               save_cams=request.save_cams)
+    hook = _image_hook(request, card, samples)
     partial = partial_path(request.output, stem, job.ranks)
     identity = _identity(job, card, samples)
     start = None
@@ -230,7 +335,7 @@ def _evaluate(job: _Job, card: DatasetCard, samples: list[SampleRef], stem: str)
     else:
         partial.unlink(missing_ok=True)  # without --resume a saved state is ignored and replaced
     work = Work(indices=distributed.shard(len(samples), job.engine.save_every, job.ranks), start=start,
-                on_block=lambda state: save_partial(partial, state, identity), source=str(partial))
+                on_block=lambda states: save_partial(partial, states[0], identity), source=str(partial))
     track = get_track(card.track)
     scorer = track.scorer(job.method, card, settings, job.engine, job.device, on_item=hook)
     reader = track.reader(card, samples, settings, request.data_root)

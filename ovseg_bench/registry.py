@@ -23,6 +23,8 @@ from mmengine.registry import Registry
 from .errors import ConfigError
 
 METHODS = Registry("ovseg_bench method")
+# ``--method <group>``: several methods by one name (plan.expand_methods).
+METHOD_GROUPS: dict[str, tuple[str, ...]] = {"clip-family": ("clip", "maskclip", "sclip", "clearclip", "naclip")}
 PLUGIN_GROUP = "ovseg_bench.methods"
 
 # Built-in method modules; importing one registers its adapters.

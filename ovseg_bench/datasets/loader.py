@@ -45,6 +45,17 @@ class SplitDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         ref = self.samples[index]
         bgr = decode_image(ref.image_path) if ref.image_path.is_file() else None
+        return self.sample(index, bgr, None if bgr is None else self.model_input(bgr))
+
+    def model_input(self, bgr: np.ndarray) -> torch.Tensor:
+        """[3,h,w] uint8 RGB of a decoded image, resized by the protocol."""
+        settings = self.settings
+        return model_input(bgr, settings.short_side, settings.long_side, rule=settings.resize,
+                           center_crop=settings.center_crop, interpolation=settings.interpolation)
+
+    def sample(self, index: int, bgr: np.ndarray | None, rgb: torch.Tensor | None) -> Sample:
+        """The sample of listing position ``index``: its decoded image (None: unreadable), model input and GT."""
+        ref = self.samples[index]
         if bgr is None:
             state = "is not a decodable image" if ref.image_path.is_file() else "is missing"
             return Sample(index, ref.image_id, None, None, f"{ref.image_path}: image {state}", skippable=True)
@@ -52,8 +63,6 @@ class SplitDataset(Dataset):
         if problem:
             return Sample(index, ref.image_id, None, None, problem)
         settings = self.settings
-        rgb = model_input(bgr, settings.short_side, settings.long_side, rule=settings.resize,
-                          center_crop=settings.center_crop, interpolation=settings.interpolation)
         if settings.center_crop is not None:  # the GT takes the input's geometry; scores are made at its size
             size = resized_shape(bgr.shape[:2], settings.short_side, settings.long_side, rule=settings.resize)
             gt = label_geometry(gt, size, settings.center_crop)
@@ -81,3 +90,35 @@ class SplitDataset(Dataset):
                 return None, f"{path}: ground truth holds negative values; expected an 8-bit label map"
             return self.gt_lut[raw], None
         return (reduce_zero_label(raw) if self.card.reduce_zero_label else raw), None
+
+
+@dataclasses.dataclass
+class ImageSamples:
+    """One image of a shared stream: a sample per dataset (the same model input, each its own GT)."""
+
+    index: int
+    image_id: str
+    samples: list[Sample]
+
+
+class SharedImagesDataset(Dataset):
+    """Several splits that list the same image files, read alike (:func:`same_images`): each
+    image is decoded and resized once, each dataset's GT read on its own."""
+
+    def __init__(self, splits: list[SplitDataset]):
+        self.splits = splits
+
+    def __len__(self) -> int:
+        return len(self.splits[0])
+
+    def __getitem__(self, index: int) -> ImageSamples:
+        first = self.splits[0]
+        ref = first.samples[index]
+        bgr = decode_image(ref.image_path) if ref.image_path.is_file() else None
+        rgb = None if bgr is None else first.model_input(bgr)
+        return ImageSamples(index, ref.image_id, [split.sample(index, bgr, rgb) for split in self.splits])
+
+
+def same_images(a: list[SampleRef], b: list[SampleRef]) -> bool:
+    """Whether two listings name the same image files in the same order."""
+    return len(a) == len(b) and all(x.image_path == y.image_path and x.image_id == y.image_id for x, y in zip(a, b))

@@ -127,6 +127,15 @@ def shard(num_images: int, block: int, ranks: Ranks) -> tuple[int, ...]:
     return tuple(i for i in range(num_images) if (i // block) % ranks.world_size == ranks.rank)
 
 
+def sum_over_ranks(values: Mapping[str, int], ranks: Ranks) -> dict[str, int]:
+    """Integer tallies (forward passes) summed over every rank; a single process's unchanged."""
+    if not ranks.active:
+        return dict(values)
+    parts: list[Any] = [None] * ranks.world_size
+    torch.distributed.all_gather_object(parts, dict(values))
+    return {key: sum(int(part[key]) for part in parts) for key in values}
+
+
 def combine(part: Evaluation, ranks: Ranks) -> Evaluation:
     """The whole dataset's evaluation from every rank's part, on every rank, in listing order.
 

@@ -157,12 +157,13 @@ class Work:
     indices: listing positions to run, increasing (a torchrun shard of whole blocks); None = all.
     start: the state of an interrupted call with the same indices, to continue from; its
         processed images must be the first of ``indices`` (checked, naming ``source``).
-    on_block: called with the state after every block end, nothing in flight (saving it).
+    on_block: called after every block end, nothing in flight, with the states so far, one per
+        dataset the scorer serves (:meth:`Scorer.evaluations`), to save them.
     """
 
     indices: tuple[int, ...] | None = None
     start: Evaluation | None = None
-    on_block: Callable[[Evaluation], None] | None = None
+    on_block: Callable[[list[Evaluation]], None] | None = None
     source: str = "the saved state"
 
 
@@ -237,6 +238,10 @@ class Scorer:
                           list(self.scored_at), list(self.skipped_at), list(self.processed_ids),
                           list(self.unanswered))
 
+    def evaluations(self, seconds: float) -> list[Evaluation]:
+        """One snapshot per dataset this scorer serves (one, unless it serves a shared stream)."""
+        return [self.evaluation(seconds)]
+
     def pop_finished_count(self) -> int:
         finished, self._finished = self._finished, 0
         return finished
@@ -272,6 +277,13 @@ def evaluate(scorer: Scorer, reader: Dataset, item_ids: list[str], options: Engi
     the hook and the block boundaries use listing positions, so a shard or a continuation runs
     exactly as its items would in one uninterrupted process. ``options`` are device-resolved.
     """
+    return evaluate_each(scorer, reader, item_ids, options, desc=desc, work=work)[0]
+
+
+def evaluate_each(scorer: Scorer, reader: Dataset, item_ids: list[str], options: EngineOptions, *,
+                  desc: str, work: Work | None = None) -> list[Evaluation]:
+    """:func:`evaluate` for a scorer that serves several datasets from one reader (a shared
+    stream: each item holds one sample per dataset); one evaluation per dataset."""
     clock = time.perf_counter()
     work = work or Work()
     indices = list(range(len(item_ids))) if work.indices is None else list(work.indices)
@@ -289,11 +301,11 @@ def evaluate(scorer: Scorer, reader: Dataset, item_ids: list[str], options: Engi
             if (sample.index + 1) % options.save_every == 0:
                 scorer.flush()  # a block ends: no batch spans two blocks, nothing is in flight
                 if work.on_block is not None:
-                    work.on_block(scorer.evaluation(before + time.perf_counter() - clock))
+                    work.on_block(scorer.evaluations(before + time.perf_counter() - clock))
             bar.update(scorer.pop_finished_count())
         scorer.flush()
         bar.update(scorer.pop_finished_count())
-    return scorer.evaluation(before + time.perf_counter() - clock)
+    return scorer.evaluations(before + time.perf_counter() - clock)
 
 
 def _check_start(start: Evaluation, item_ids: list[str], indices: list[int], source: str) -> int:

@@ -117,7 +117,14 @@ class Method(abc.ABC):
 
 
 class WindowMethod(Method):
-    """A method scored through the sliding-window engine."""
+    """A method scored through the sliding-window engine.
+
+    ``shares_features`` False: every (method, dataset) runs its own forward passes. The engine
+    still calls ``embed_windows``/``score``, whose defaults here are the whole ``forward_windows``
+    (the windows themselves are the "features").
+    """
+
+    shares_features: ClassVar[bool] = False
 
     @abc.abstractmethod
     def encode_classes(self, classes: list[list[str]], info: DatasetInfo) -> Vocabulary:
@@ -132,18 +139,58 @@ class WindowMethod(Method):
                     info: DatasetInfo) -> torch.Tensor:
         """[Q,H,W] float32 scores at GT size and the [3,h,w] normalised model input -> [H,W] int64 labels."""
 
+    def trunk(self, size: tuple[int, int]) -> "Trunk | None":
+        """The leading part of ``embed_windows`` for windows of ``size`` that other methods may
+        share (:class:`Trunk`); None: nothing to share."""
+        return None
+
+    def embed_windows(self, windows: torch.Tensor) -> Any:
+        return windows
+
+    def score(self, features: Any, vocab: Vocabulary, size: tuple[int, int]) -> torch.Tensor:
+        return self.forward_windows(features, vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trunk:
+    """The blocks of a method's embedding that several methods may compute once per window.
+
+    Two methods share a trunk when their ``key`` is equal and their windows are normalised alike:
+    the key holds everything the trunk's output depends on (the weights' identity by content,
+    the blocks run, the position rule, the padding, the dtype). ``compute`` maps [B,3,h,w]
+    normalised windows to the trunk's output, which the owning method's
+    :meth:`DenseFeatureMethod.embed_from_trunk` finishes into its features.
+    """
+
+    key: tuple[Any, ...]
+    what: str                                   # the blocks in words, for the console
+    compute: Callable[[torch.Tensor], Any]
+
 
 class DenseFeatureMethod(WindowMethod):
     """A window method whose dense image features do not depend on the vocabulary.
 
-    ``forward_windows`` is ``score(embed_windows(windows), vocab, size)``: the engine may embed a
-    window once and score it for several vocabularies (paired datasets) or heads. Each adapter
-    says in ``embed_windows`` where its vocabulary first enters.
+    ``forward_windows`` is ``score(embed_windows(windows), vocab, size)``: the engine embeds a
+    window once and scores it for several vocabularies (paired datasets). A method with a
+    :meth:`trunk` computes ``embed_windows`` as ``embed_from_trunk(trunk.compute(windows))``, so
+    methods with the same trunk compute it once and branch. Each adapter says in
+    ``embed_windows`` where its vocabulary first enters.
     """
 
-    @abc.abstractmethod
+    shares_features: ClassVar[bool] = True
+
     def embed_windows(self, windows: torch.Tensor) -> Any:
-        """[B,3,h,w] float32 normalised windows -> the method's vocabulary-free features."""
+        """[B,3,h,w] float32 normalised windows -> the method's vocabulary-free features. Every
+        tensor in them has the window batch as dim 0: the engine keeps each window's slice (a
+        batch of one) until its image is complete, then scores it for each vocabulary."""
+        trunk = self.trunk((windows.shape[-2], windows.shape[-1]))
+        if trunk is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither embed_windows nor trunk")
+        return self.embed_from_trunk(trunk.compute(windows), windows)
+
+    def embed_from_trunk(self, shared: Any, windows: torch.Tensor) -> Any:
+        """The output of :meth:`trunk` for ``windows`` -> the features ``embed_windows`` gives."""
+        raise NotImplementedError(f"{type(self).__name__} has no trunk")
 
     @abc.abstractmethod
     def score(self, features: Any, vocab: Vocabulary, size: tuple[int, int]) -> torch.Tensor:

@@ -352,11 +352,24 @@ def dense_features(visual: nn.Module, images: Tensor, variant: str, *,
         ``[B, E, H//p, W//p]`` in the tower's dtype; CLS dropped, NOT L2-normalised.
     """
     _check_variant(variant)
-    x, grid = embed_tokens(visual, images)
-    depth = len(visual.transformer.resblocks)
-    x = run_blocks(visual, x, depth - 1)
-    x = last_block(visual.transformer.resblocks[depth - 1], x, variant, grid,
-                   naclip_sigma=naclip_sigma)
+    x, grid = penultimate_tokens(visual, images)
+    return finish_dense(visual, x, grid, variant, naclip_sigma=naclip_sigma)
+
+
+def penultimate_tokens(visual: nn.Module, images: Tensor, *,
+                       pos_rule: str = "sclip") -> tuple[Tensor, tuple[int, int]]:
+    """The input of the last block: embedding, then every block but the last. What the last-block
+    variants (and TCL's grounder) share: ``[B, 1+h*w, D]`` and the grid."""
+    x, grid = embed_tokens(visual, images, pos_rule=pos_rule)
+    return run_blocks(visual, x, len(visual.transformer.resblocks) - 1), grid
+
+
+def finish_dense(visual: nn.Module, x: Tensor, grid: tuple[int, int], variant: str, *,
+                 naclip_sigma: float = 5.0) -> Tensor:
+    """The variant's last block on the penultimate tokens ``x``, ``ln_post``/``proj``, CLS dropped:
+    ``[B, E, h, w]`` in the tower's dtype, not normalised."""
+    _check_variant(variant)
+    x = last_block(visual.transformer.resblocks[-1], x, variant, grid, naclip_sigma=naclip_sigma)
     tokens = project_tokens(visual, x)[:, 1:]  # [B, h*w, E]
     b, _, e = tokens.shape
     return tokens.transpose(1, 2).reshape(b, e, grid[0], grid[1])

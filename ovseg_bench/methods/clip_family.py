@@ -32,11 +32,11 @@ from ..errors import ConfigError
 from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
-from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
-                   register_config_variants, synonym_queries)
+from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Trunk, Vocabulary,
+                   WeightsOptions, register_config_variants, synonym_queries)
 from .clip_model import load_clip
 from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
-from .prompts import ClipTextEncoder
+from .prompts import ClipTextEncoder, weights_key
 
 BACKGROUND_RULES = ("threshold", "constant", "none")
 PAMR_SETTINGS = {"sclip": SCLIP_PAMR, "tcl": TCL_PAMR}
@@ -141,11 +141,33 @@ class ClipFamily(DenseFeatureMethod):
         ``score``'s cosine, so one pass serves every vocabulary."""
         return FEATURE_PATHS[self.config.arithmetic](self, windows)
 
+    def trunk(self, size: tuple[int, int]) -> Trunk | None:
+        """CLIP's blocks before the last one, which the variants of this family (on open_clip's
+        arithmetic) share: they differ only from the last block on. Keyed by the weights'
+        content, the position rule, the padding of windows of ``size`` and the tower's dtype."""
+        if self.config.arithmetic != "clip":
+            return None  # MaskCLIP's mmseg ViT changes every block (LN eps, GELU)
+        visual = self.model.visual
+        padding = self._padding(size)
+        key = ("open_clip-vit/penultimate", weights_key(self._weights), "pos:sclip", padding,
+               str(visual.conv1.weight.dtype), str(self.device))
+        depth = len(visual.transformer.resblocks)
+        return Trunk(key, f"CLIP blocks 0-{depth - 2}", self._penultimate)
+
+    def _penultimate(self, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        padded, _ = self._pad(windows)
+        return clip_dense.penultimate_tokens(self.model.visual, padded)
+
+    def embed_from_trunk(self, shared: tuple[torch.Tensor, tuple[int, int]], windows: torch.Tensor) -> PaddedFeatures:
+        """This variant's last block on the shared penultimate tokens."""
+        x, grid = shared
+        feats = clip_dense.finish_dense(self.model.visual, x, grid, self.config.attention,
+                                        naclip_sigma=self.config.naclip_sigma)
+        padded, offset = self._padding((windows.shape[-2], windows.shape[-1]))
+        return PaddedFeatures(F.normalize(feats.float(), dim=1), padded, offset)
+
     def _clip_features(self, windows: torch.Tensor) -> PaddedFeatures:
-        padded, offset = self._pad(windows)
-        feats = clip_dense.dense_features(self.model.visual, padded, self.config.attention,
-                                          naclip_sigma=self.config.naclip_sigma)
-        return PaddedFeatures(F.normalize(feats.float(), dim=1), (padded.shape[-2], padded.shape[-1]), offset)
+        return DenseFeatureMethod.embed_windows(self, windows)
 
     def _mmseg_vit_features(self, windows: torch.Tensor) -> PaddedFeatures:
         """MaskCLIP's own path (chongzhou96/MaskCLIP@245d31f): bottom/right padding, mmseg's ViT,
@@ -168,6 +190,13 @@ class ClipFamily(DenseFeatureMethod):
         if not self.config.pad_windows:
             return windows, (0, 0)
         return clip_dense.pad_to_multiple(windows, self.patch)
+
+    def _padding(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(padded size, (top, left)) that :meth:`_pad` gives windows of ``size``."""
+        if not self.config.pad_windows:
+            return size, (0, 0)
+        pad_h, pad_w = -size[0] % self.patch, -size[1] % self.patch
+        return (size[0] + pad_h, size[1] + pad_w), (pad_h // 2, pad_w // 2)
 
     def postprocess(self, scores: torch.Tensor, image: torch.Tensor, vocab: Vocabulary,
                     info: DatasetInfo) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ def text_cache_identity(record: dict[str, Any]) -> dict[str, Any]:
 
         identity["versions"] = [open_clip.__version__, torch.__version__]
     return identity
+
+
+def weights_key(record: dict[str, Any]) -> str:
+    """One string for the content of a weights record (:func:`text_cache_identity`, plus the
+    sha256 of any local ``checkpoint`` file): equal strings, equal weights. Keys shared trunks."""
+    identity = text_cache_identity(record)
+    path = Path(str(identity.get("checkpoint", "")))
+    if path.is_file():
+        identity["checkpoint_sha256"] = _file_digest(path)
+    return json.dumps(identity, sort_keys=True, default=str)
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -158,7 +169,35 @@ class ClipTextEncoder:
 
     def encode(self, names: list[str]) -> torch.Tensor:
         """[len(names), E] float32 L2-normalised embeddings on the device, one row per name."""
-        embeddings = self.cache.get_or_compute(
-            self.identity, self.templates, self.average, names,
-            lambda: encode_names(self.model, self.tokenizer, names, self.templates, self.average, self.device))
+        embeddings = self.cache.get_or_compute(self.identity, self.templates, self.average, names,
+                                               lambda: self._encode_once(names))
         return embeddings.to(self.device).float()
+
+    def _encode_once(self, names: list[str]) -> torch.Tensor:
+        """Rows of ``names``, each name encoded once per process for these weights, templates and
+        averaging: methods and datasets that share them (voc20's names are voc's) share the rows.
+        A name's row depends on that name alone (its templates are one batch), so this is exact."""
+        keys = {name: self.cache.key(self.identity, self.templates, self.average, [name]) for name in names}
+        rows = {name: ENCODED[key] for name, key in keys.items() if key in ENCODED}
+        missing = [name for name in keys if name not in rows]
+        if missing:
+            encoded = encode_names(self.model, self.tokenizer, missing, self.templates, self.average, self.device)
+            for name, row in zip(missing, encoded):
+                rows[name] = row.cpu()
+                ENCODED.put(keys[name], rows[name])
+        return torch.stack([rows[name] for name in names])
+
+
+class _Encoded(OrderedDict):
+    """Name rows encoded by this process, the most recent ``limit`` kept (2 KiB each at E=512)."""
+
+    limit = 8192
+
+    def put(self, key: str, row: torch.Tensor) -> None:
+        self[key] = row
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+ENCODED = _Encoded()

@@ -33,12 +33,12 @@ from ..imaging import NORMALISATIONS
 from ..resources import configs_dir
 from ..safe_pickle import safe_load_tensors
 from ..yamlconf import load_dataclass
-from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
+from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Trunk, Vocabulary, WeightsOptions,
                    register_config_variants, synonym_queries)
 from .checkpoints import fetch_checkpoint
 from .clip_family import synonym_max
 from .clip_model import load_clip
-from .prompts import ClipTextEncoder
+from .prompts import ClipTextEncoder, weights_key
 from .reco_backbones import DEIT_S_SIN_URL, build_deit_for, deit_dense_features, denseclip_features, \
     prepare_denseclip
 from . import reco_references as refs
@@ -190,7 +190,16 @@ class Reco(DenseFeatureMethod):
                             "reference_names in the method config")
         return self.references[key]
 
-    def embed_windows(self, windows: Tensor) -> PaddedFeatures:
+    def trunk(self, size: tuple[int, int]) -> Trunk:
+        """The whole image side (both networks): ``reco`` and ``reco_nocrf`` differ only after it."""
+        key = ("reco/deit+denseclip", weights_key(self._weights), ("fp16_convs", self.config.fp16_convs),
+               str(self.device))
+        return Trunk(key, "DeiT-S/16 and DenseCLIP", self._network_maps)
+
+    def embed_from_trunk(self, shared: PaddedFeatures, windows: Tensor) -> PaddedFeatures:
+        return shared
+
+    def _network_maps(self, windows: Tensor) -> PaddedFeatures:
         """Both networks' maps, each divided by its norm (no epsilon, networks/reco.py:326, 108);
         the vocabulary first enters in :meth:`score` (references and text)."""
         deit = deit_dense_features(self.deit, windows).float()

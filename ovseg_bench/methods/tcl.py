@@ -49,12 +49,12 @@ from ..resources import configs_dir
 from ..yamlconf import load_dataclass
 from . import clip_dense
 from .checkpoints import Mismatch, compare_state_dict, fetch_checkpoint, load_strict, read_checkpoint, sha256_file
-from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Vocabulary, WeightsOptions,
+from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Trunk, Vocabulary, WeightsOptions,
                    register_config_variants, synonym_queries)
 from .clip_family import synonym_max
 from .clip_model import load_clip
 from .pamr import PAMR, TCL_PAMR
-from .prompts import AVERAGING, ClipTextEncoder
+from .prompts import AVERAGING, ClipTextEncoder, weights_key
 
 TCL_CHECKPOINT_URL = "https://github.com/kakaobrain/tcl/releases/download/v1.0.0/tcl.pth"
 NORM_EPS = 1e-6  # TCL's us.normalize (F.normalize with eps 1e-6)
@@ -350,11 +350,28 @@ class Tcl(DenseFeatureMethod):
         grounder, decoder and projection act on image features alone), then in PAMR (on the
         masks) and the KP mix (cosine with the text), all in :meth:`score`.
         """
-        padded, offset = clip_dense.pad_to_multiple(windows, self.patch)
+        return DenseFeatureMethod.embed_windows(self, windows)
+
+    def trunk(self, size: tuple[int, int]) -> Trunk:
+        """The frozen tower up to the last block's input (TCL's hooked feats[0], the output of
+        block L-2), on zero-padded windows with TCL's position rule; the grounder, the decoder
+        and the frozen last block branch from it."""
         visual = self.model.visual
-        x, grid = clip_dense.embed_tokens(visual, padded, pos_rule="tcl")
+        padded = tuple(side + (-side % self.patch) for side in size)
+        key = ("open_clip-vit/penultimate", weights_key(self._weights), "pos:tcl", ("centre-pad", padded),
+               str(visual.conv1.weight.dtype), str(self.device))
+        return Trunk(key, f"CLIP blocks 0-{len(visual.transformer.resblocks) - 2} (TCL position rule)", self._penultimate)
+
+    def _penultimate(self, windows: Tensor) -> tuple[Tensor, tuple[int, int], Tensor, tuple[int, int]]:
+        padded, offset = clip_dense.pad_to_multiple(windows, self.patch)
+        feats, grid = clip_dense.penultimate_tokens(self.model.visual, padded, pos_rule="tcl")
+        return feats, grid, padded, offset
+
+    def embed_from_trunk(self, shared: tuple[Tensor, tuple[int, int], Tensor, tuple[int, int]],
+                         windows: Tensor) -> PaddedFeatures:
+        feats, grid, padded, offset = shared
+        visual = self.model.visual
         depth = len(visual.transformer.resblocks)
-        feats = clip_dense.run_blocks(visual, x, depth - 1)  # TCL's hooked feats[0], the output of block L-2
         embedding = F.normalize(self.masker.embed(feats, grid), dim=1, eps=NORM_EPS)
         maps = {"embedding": embedding}
         if self.pamr is not None:

@@ -209,6 +209,7 @@ def test_an_image_without_scored_pixels_gives_nan_and_never_wins() -> None:
     assert math.isnan(summary.curve[0][1].miou) and summary.best[0] == 0.4
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_counts_on_cuda_equal_the_cpu() -> None:
     images = _images(6, 4)

@@ -285,6 +285,7 @@ def test_crf_labels_resize_log_probabilities_of_low_resolution_scores(monkeypatc
     np.testing.assert_array_equal(calls[0][0], torch.softmax(resized, 0).numpy())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_crf_labels_return_on_the_scores_device():
     scores, image = _scores_and_image()
