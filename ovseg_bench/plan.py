@@ -1,7 +1,9 @@
-"""A run plan: one method over several datasets under one protocol preset.
+"""A run plan: one or several methods over several datasets under one protocol preset.
 
 The CLI builds a frozen :class:`RunRequest` and calls :func:`run_plan`; Python users can do the
-same. Each (method, dataset) evaluation writes its result file as soon as it finishes.
+same. Each (method, dataset) evaluation writes its result file as soon as it finishes. Tasks
+that read the same images alike run as one stream (:mod:`ovseg_bench.streams`), each still
+writing the result its run alone would.
 
 Resume: while a dataset runs, its state is saved after every block of ``save_every`` images to
 ``<output>/<result stem>.partial.pt`` (``.partial.rank<R>-of-<W>.pt`` per torchrun rank), the
@@ -47,7 +49,7 @@ ResultCallback = Callable[[dict[str, Any], Path, bool], None]
 
 @dataclasses.dataclass(frozen=True)
 class RunRequest:
-    method: str
+    method: str                      # a name, a comma list or a group (expand_methods)
     datasets: tuple[str, ...]
     protocol: str = "tcl"
     data_root: Path = Path("data")

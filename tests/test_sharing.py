@@ -213,3 +213,11 @@ def test_on_cuda_a_shared_run_counts_as_separate_runs(precision, synthetic_tree,
                                        + ["--quiet", *cuda])
             assert code == 0, stderr
     assert_same_results(tmp_path / "shared", tmp_path / "alone")
+
+
+def test_the_clip_family_holds_one_model_per_weights():
+    device = torch.device("cpu")
+    clip, sclip = (get_method(n)(WeightsOptions(TINY_MODEL, "none"), device) for n in ("clip", "sclip"))
+    assert clip.model is sclip.model
+    other = get_method("clip")(WeightsOptions("tests/assets/tiny_vit_b32.json", "none"), device)
+    assert other.model is not clip.model

@@ -21,6 +21,7 @@ per-dataset knobs (logit_scale, prob_thd, area_thd) come from its published conf
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from ..yamlconf import load_dataclass
 from . import clip_dense
 from .base import (DatasetInfo, DenseFeatureMethod, MethodInputs, PaddedFeatures, Trunk, Vocabulary,
                    WeightsOptions, register_config_variants, synonym_queries)
-from .clip_model import load_clip
+from .clip_model import LoadedClip, load_clip
 from .pamr import PAMR, SCLIP_PAMR, TCL_PAMR
 from .prompts import ClipTextEncoder, weights_key
 
@@ -94,6 +95,29 @@ def load_method_config(name: str, path: Path | None = None) -> ClipFamilyConfig:
     return load_dataclass(ClipFamilyConfig, path or configs_dir() / "methods" / f"{name}.yaml")
 
 
+_LOADED: "weakref.WeakValueDictionary[tuple[Any, ...], LoadedClip]" = weakref.WeakValueDictionary()
+
+
+def family_clip(model: str, pretrained: str, device: torch.device) -> LoadedClip:
+    """One loaded CLIP per weights and device for the family's methods alive in a process
+    (``--method clip-family`` holds one ViT-B-16, not five): they only read the model. Local
+    files are told apart by their size and modification time as well as their path."""
+    key = (model, pretrained, str(device), *(_file_state(name) for name in (model, pretrained)))
+    loaded = _LOADED.get(key)
+    if loaded is None:
+        loaded = load_clip(model, pretrained, device)
+        _LOADED[key] = loaded
+    return loaded
+
+
+def _file_state(name: str) -> tuple[int, int] | None:
+    path = Path(name).expanduser()
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 class ClipFamily(DenseFeatureMethod):
     """Shared adapter; the registered names below bind it to their config files. On the
     referring track it runs this harness's dense baseline (tracks/referring.py)."""
@@ -105,8 +129,8 @@ class ClipFamily(DenseFeatureMethod):
         self.config = config
         self.device = device
         self.normalisation = NORMALISATIONS[config.normalisation]
-        clip = load_clip(weights.model or config.model, weights.pretrained or config.pretrained, device)
-        self.model, self.tokenizer, self._weights = clip.model, clip.tokenizer, clip.record
+        self._clip = family_clip(weights.model or config.model, weights.pretrained or config.pretrained, device)
+        self.model, self.tokenizer, self._weights = self._clip.model, self._clip.tokenizer, self._clip.record
         self.patch = int(self.model.visual.conv1.kernel_size[0])
         self.pamr = PAMR(**PAMR_SETTINGS[config.pamr]).to(device) if config.pamr else None
         self.text = ClipTextEncoder(self.model, self.tokenizer, self._weights, templates=config.templates,
