@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 machine    : {machine_line(device)}
 software   : torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, python {sys.version.split()[0]}
 workload   : {', '.join(METHODS)} x {len(ALL_BENCHMARKS)} datasets, {args.images} images each at real sizes, {args.model} random weights, preset {PRESET}, {args.precision}, {templates}
-(A) shared : {shared['seconds']:.1f} s; {passes['trunk_windows']} window passes through trunks + {passes['branch_windows']} through last parts; {shared_texts} texts encoded; peak {memory.kind.split(' (')[0]} +{mib(shared_peak)}
-(B) harness: {reference['seconds']:.1f} s; {reference['windows']} full window passes; {reference_texts} texts encoded; peak +{mib(reference_peak)}
+(A) shared : {shared['seconds']:.1f} s; {passes['trunk_windows']} window passes through trunks + {passes['branch_windows']} through last parts; {shared_texts} texts encoded; {"peak alloc" if device.type == "cuda" else "peak RSS"} +{mib(shared_peak)}
+(B) harness: {reference['seconds']:.1f} s; {reference['windows']} full window passes; {reference_texts} texts encoded; {"peak alloc" if device.type == "cuda" else "peak RSS"} +{mib(reference_peak)}
 speed B/A  : {ratio:.2f}x (target {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'})
 agreement  : {images} images, same label on {same:.4f}% of {pixels} pixels""")
     if same < args.min_agreement:
