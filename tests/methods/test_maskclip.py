@@ -3,6 +3,8 @@ ViT on CLIP's weights, checked against an independent float64 step-by-step compu
 from the state dict alone; `maskclip_clipblock` keeps CLIP's blocks; MaskCLIP's native protocol."""
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import math
 
@@ -20,7 +22,9 @@ ADE = DatasetInfo("ade20k", ("wall", "floor", "sky"), False)
 
 def build(name: str):
     method = get_method(name)(WeightsOptions(model=TINY_MODEL, pretrained="none"), torch.device("cpu"))
-    method.model.double()
+    # The family's methods share one loaded model (clip_family.family_clip): convert a copy of our own.
+    method.model = copy.deepcopy(method.model).double()
+    method.text.model = method.model
     return method
 
 
