@@ -63,28 +63,30 @@ def plan_streams(tasks: list[Task], *, alone: Callable[[Task], str | None] | Non
                  on_note: Callable[[str], None] | None = None) -> list[list[Task]]:
     """``tasks`` grouped into streams, in order of their first task; ``alone(task)`` may give a
     reason of the run's own (a saved state to continue) to keep a task out of any stream."""
+    keys = {id(task): image_key(task) for task in tasks}
     by_key: dict[Any, list[Task]] = defaultdict(list)
     for task in tasks:
-        by_key[image_key(task)].append(task)
+        by_key[keys[id(task)]].append(task)
+    reasons = {id(task): unshareable(task) or (alone(task) if alone else None) for task in tasks}
     groups: list[list[Task]] = []
     notes: list[str] = []
     placed: dict[int, list[Task]] = {}
     for task in tasks:
         if id(task) in placed:
             continue
-        partners = by_key[image_key(task)]
-        shareable = [t for t in partners if (unshareable(t) or (alone(t) if alone else None)) is None]
+        partners = by_key[keys[id(task)]]
+        shareable = [t for t in partners if reasons[id(t)] is None]
         if task in shareable and len(shareable) > 1:
             group = shareable
         else:
             group = [task]
-            reason = unshareable(task) or (alone(task) if alone else None)
+            reason = reasons[id(task)]
             if reason and len(partners) > 1:
                 notes.append(f"{task.label}: runs its own passes, {reason}")
         for member in group:
             placed[id(member)] = group
         groups.append(group)
-    notes += _stream_notes(groups) + _apart_notes(tasks, placed)
+    notes += _stream_notes(groups) + _apart_notes(tasks, placed, keys)
     if on_note is not None:
         for note in dict.fromkeys(notes):
             on_note(note)
@@ -106,7 +108,7 @@ def _stream_notes(groups: list[list[Task]]) -> list[str]:
     return notes
 
 
-def _apart_notes(tasks: list[Task], placed: dict[int, list[Task]]) -> list[str]:
+def _apart_notes(tasks: list[Task], placed: dict[int, list[Task]], keys: dict[int, tuple[Any, ...]]) -> list[str]:
     """Paired datasets of one method that still read their images apart, and why."""
     notes = []
     for task in tasks:
@@ -114,9 +116,9 @@ def _apart_notes(tasks: list[Task], placed: dict[int, list[Task]]) -> list[str]:
         partner = next((t for t in tasks if t.job is task.job and t.card.name == partner_name), None)
         if partner is None or placed[id(partner)] is placed[id(task)] or task.card.name > partner_name:
             continue
-        if image_key(task)[1] != image_key(partner)[1]:
+        if keys[id(task)][1] != keys[id(partner)][1]:
             why = "their listings name other image files"
-        elif image_key(task) != image_key(partner):
+        elif keys[id(task)] != keys[id(partner)]:
             why = f"their image settings differ under preset '{task.job.preset.name}'"
         else:
             continue  # kept apart for a reason already noted

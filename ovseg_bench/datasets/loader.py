@@ -43,9 +43,13 @@ class SplitDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Sample:
-        ref = self.samples[index]
-        bgr = decode_image(ref.image_path) if ref.image_path.is_file() else None
+        bgr = self.decode(index)
         return self.sample(index, bgr, None if bgr is None else self.model_input(bgr))
+
+    def decode(self, index: int) -> np.ndarray | None:
+        """The listed image as HxWx3 uint8 BGR, or None when it is missing or not decodable."""
+        path = self.samples[index].image_path
+        return decode_image(path) if path.is_file() else None
 
     def model_input(self, bgr: np.ndarray) -> torch.Tensor:
         """[3,h,w] uint8 RGB of a decoded image, resized by the protocol."""
@@ -102,7 +106,7 @@ class ImageSamples:
 
 
 class SharedImagesDataset(Dataset):
-    """Several splits that list the same image files, read alike (:func:`same_images`): each
+    """Several splits that list the same image files, read alike (``streams.image_key``): each
     image is decoded and resized once, each dataset's GT read on its own."""
 
     def __init__(self, splits: list[SplitDataset]):
@@ -113,12 +117,6 @@ class SharedImagesDataset(Dataset):
 
     def __getitem__(self, index: int) -> ImageSamples:
         first = self.splits[0]
-        ref = first.samples[index]
-        bgr = decode_image(ref.image_path) if ref.image_path.is_file() else None
+        bgr = first.decode(index)
         rgb = None if bgr is None else first.model_input(bgr)
-        return ImageSamples(index, ref.image_id, [split.sample(index, bgr, rgb) for split in self.splits])
-
-
-def same_images(a: list[SampleRef], b: list[SampleRef]) -> bool:
-    """Whether two listings name the same image files in the same order."""
-    return len(a) == len(b) and all(x.image_path == y.image_path and x.image_id == y.image_id for x, y in zip(a, b))
+        return ImageSamples(index, first.samples[index].image_id, [split.sample(index, bgr, rgb) for split in self.splits])

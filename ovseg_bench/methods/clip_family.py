@@ -131,6 +131,7 @@ class ClipFamily(DenseFeatureMethod):
         self.normalisation = NORMALISATIONS[config.normalisation]
         self._clip = family_clip(weights.model or config.model, weights.pretrained or config.pretrained, device)
         self.model, self.tokenizer, self._weights = self._clip.model, self._clip.tokenizer, self._clip.record
+        self._weights_key = weights_key(self._weights)  # keys the trunk, asked for every batch
         self.patch = int(self.model.visual.conv1.kernel_size[0])
         self.pamr = PAMR(**PAMR_SETTINGS[config.pamr]).to(device) if config.pamr else None
         self.text = ClipTextEncoder(self.model, self.tokenizer, self._weights, templates=config.templates,
@@ -173,7 +174,7 @@ class ClipFamily(DenseFeatureMethod):
             return None  # MaskCLIP's mmseg ViT changes every block (LN eps, GELU)
         visual = self.model.visual
         padding = self._padding(size)
-        key = ("open_clip-vit/penultimate", weights_key(self._weights), "pos:sclip", padding,
+        key = ("open_clip-vit/penultimate", self._weights_key, "pos:sclip", padding,
                str(visual.conv1.weight.dtype), str(self.device))
         depth = len(visual.transformer.resblocks)
         return Trunk(key, f"CLIP blocks 0-{depth - 2}", self._penultimate)

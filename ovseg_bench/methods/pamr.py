@@ -33,12 +33,13 @@ _WINDOW = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))   # row-majo
 _MAX_GATHER_ELEMENTS = 1 << 26
 
 
-def _shifted(x: Tensor, offsets: Sequence[tuple[int, int]], pad: int) -> Tensor:
-    """[B, C, H, W] -> [B, C, len(offsets), H, W]: x at (y + dy, x + dx), replicate-padded."""
+def _shifted(x: Tensor, offsets: Sequence[tuple[int, int]], pad: int, out: Tensor | None = None) -> Tensor:
+    """[B, C, H, W] -> [B, C, len(offsets), H, W]: x at (y + dy, x + dx), replicate-padded
+    (written into ``out`` when given)."""
     h, w = x.shape[-2:]
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     views = [padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w] for dy, dx in offsets]
-    return torch.stack(views, dim=2)
+    return torch.stack(views, dim=2, out=out)
 
 
 def _validate(image: Tensor, mask: Tensor) -> None:
@@ -97,13 +98,9 @@ class PAMR(torch.nn.Module):
         multiplied in place: the same tensors in the same layout, so the same sum to the bit,
         without allocating two [B, c, 8|D|, H, W] tensors per step (3-4x faster on the CPU)."""
         b, c, h, w = mask.shape
-        pad = self._pad
         buffer = mask.new_empty((b, c, len(self._neighbours), h, w))
         for _ in range(self.num_iter):
-            padded = F.pad(mask, (pad, pad, pad, pad), mode="replicate")
-            torch.stack([padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w] for dy, dx in self._neighbours],
-                        dim=2, out=buffer)
-            mask = buffer.mul_(weights).sum(dim=2)
+            mask = _shifted(mask, self._neighbours, self._pad, out=buffer).mul_(weights).sum(dim=2)
         return mask
 
     @torch.no_grad()

@@ -163,6 +163,7 @@ class Reco(DenseFeatureMethod):
             require_crf()  # the missing extra fails before any weights load
         networks = load_networks(config, weights, device)
         self.deit, self.visual, self.text, self._weights = networks.deit, networks.visual, networks.text, networks.record
+        self._weights_key = weights_key(self._weights)  # keys the trunk, asked for every batch
 
     def weights(self) -> dict[str, Any]:
         return dict(self._weights)
@@ -192,7 +193,7 @@ class Reco(DenseFeatureMethod):
 
     def trunk(self, size: tuple[int, int]) -> Trunk:
         """The whole image side (both networks): ``reco`` and ``reco_nocrf`` differ only after it."""
-        key = ("reco/deit+denseclip", weights_key(self._weights), ("fp16_convs", self.config.fp16_convs),
+        key = ("reco/deit+denseclip", self._weights_key, ("fp16_convs", self.config.fp16_convs),
                str(self.device))
         return Trunk(key, "DeiT-S/16 and DenseCLIP", self._network_maps)
 

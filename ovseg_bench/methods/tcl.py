@@ -299,6 +299,7 @@ class Tcl(DenseFeatureMethod):
         checkpoint, self._checkpoint_record = self._checkpoint_file(weights.checkpoint)
         clip = load_clip(weights.model or config.model, weights.pretrained or config.pretrained, device)
         self.model, self.tokenizer, self._weights = clip.model, clip.tokenizer, clip.record
+        self._weights_key = weights_key(self._weights)  # keys the trunk, asked for every batch
         visual = self.model.visual
         self.patch = int(visual.conv1.kernel_size[0])
         self.masker = TclMasker(visual)
@@ -358,7 +359,7 @@ class Tcl(DenseFeatureMethod):
         and the frozen last block branch from it."""
         visual = self.model.visual
         padded = tuple(side + (-side % self.patch) for side in size)
-        key = ("open_clip-vit/penultimate", weights_key(self._weights), "pos:tcl", ("centre-pad", padded),
+        key = ("open_clip-vit/penultimate", self._weights_key, "pos:tcl", ("centre-pad", padded),
                str(visual.conv1.weight.dtype), str(self.device))
         return Trunk(key, f"CLIP blocks 0-{len(visual.transformer.resblocks) - 2} (TCL position rule)", self._penultimate)
 

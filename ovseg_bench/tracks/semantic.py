@@ -124,9 +124,8 @@ class WindowStream:
         if failed:
             return
         pixels = samples[0].image[None].to(self.device)
-        normalised = {id(norm): norm.apply(pixels)[0] for norm in {id(m.normalisation): m.normalisation
-                                                                    for m in self.methods}.values()}
-        images = [normalised[id(method.normalisation)] for method in self.methods]
+        normalised = {norm: norm.apply(pixels)[0] for norm in {m.normalisation for m in self.methods}}
+        images = [normalised[method.normalisation] for method in self.methods]
         windows = image_windows(*images[0].shape[-2:], self.settings.mode, self.settings.crop, self.settings.stride)
         state = _InFlight(samples, images, windows, [{} for _ in self.methods])
         self.inflight.append(state)
